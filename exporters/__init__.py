@@ -1,0 +1,1 @@
+"""Deployable graphs from a quantized model, one module per target format."""

@@ -1,0 +1,159 @@
+"""ONNX with standard QDQ weights (opset 21).
+
+The (fake-quantized) PyTorch model is exported by optimum as a text-generation decoder with KV
+cache, so ``ORTModelForCausalLM.generate`` runs it. Then every quantized linear's float weight
+initializer is replaced by its int4 codes feeding a ``DequantizeLinear`` (blocked along the input
+axis, or per output channel), which ONNX Runtime fuses into MatMulNBits.
+
+The exported initializer of a linear is found by value: it is exactly Wᵀ of the dequantized weight,
+whatever name the exporter gave it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.errors import EdgeqError
+from edgeq.packing import pack_int4
+from edgeq.quant.grid import QuantizedWeight
+
+# Protobuf cannot serialize a single file over 2 GiB; above this the weights go to external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx_data"
+
+
+@dataclass(frozen=True)
+class OnnxExportInfo:
+    path: Path
+    replaced_weights: int
+    bytes_total: int
+    external_data: bool
+
+
+def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
+    """optimum's text-generation-with-past export of ``model`` into ``out_dir``; returns model.onnx."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(
+        model, str(out_dir), task="text-generation-with-past", opset=opset, do_validation=False
+    )
+    path = out_dir / MODEL_FILE
+    if not path.exists():
+        raise EdgeqError(f"optimum's export wrote no {MODEL_FILE} in {out_dir}")
+    return path
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def dequantize_linear_initializers(
+    name: str, qweight: QuantizedWeight
+) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """Initializers and the DequantizeLinear node that compute Wᵀ [in, out] as ``name``.
+
+    Blocked along axis 0 (the input axis of Wᵀ) with ``block_size = group_size``, or per output
+    channel (axis 1) when one group spans the whole input. Symmetric grids are stored as INT4 without
+    a zero point, asymmetric ones as UINT4 with a UINT4 zero point.
+    """
+    codes = qweight.codes.numpy().T  # [in, out]
+    in_features, out_features = codes.shape
+    per_channel = qweight.group_size >= in_features
+    scale = qweight.scale.numpy().T.astype(np.float32)  # [n_groups, out]
+    zero = qweight.zero.numpy().T
+    if per_channel:
+        scale, zero = scale[0], zero[0]
+    if qweight.symmetric:
+        values = codes.astype(np.int16) - 2 ** (qweight.bits - 1)
+        dtype = TensorProto.INT4
+    else:
+        values, dtype = codes, TensorProto.UINT4
+    q_name, s_name, z_name = f"{name}_q4", f"{name}_scale", f"{name}_zero_point"
+    tensors = [
+        helper.make_tensor(q_name, dtype, [in_features, out_features], pack_int4(values), raw=True),
+        numpy_helper.from_array(scale, s_name),
+    ]
+    inputs = [q_name, s_name]
+    if not qweight.symmetric:
+        tensors.append(
+            helper.make_tensor(z_name, TensorProto.UINT4, list(zero.shape), pack_int4(zero), raw=True)
+        )
+        inputs.append(z_name)
+    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": qweight.group_size}
+    node = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", **attrs)
+    return tensors, node
+
+
+def replace_weights_with_qdq(graph_model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> int:
+    """Swap each quantized linear's float initializer (matched by value to Wᵀ) for int4 + DQ.
+    Returns how many initializers were replaced; every quantized weight must be found."""
+    wanted: dict[str, str] = {}
+    for module_name, qweight in weights.items():
+        wanted.setdefault(_digest(qweight.dequantize().numpy().T), module_name)
+    graph = graph_model.graph
+    kept, new_tensors, new_nodes, found = [], [], [], set()
+    for init in graph.initializer:
+        module_name = None
+        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2:
+            module_name = wanted.get(_digest(numpy_helper.to_array(init)))
+        if module_name is None:
+            kept.append(init)
+            continue
+        tensors, node = dequantize_linear_initializers(init.name, weights[module_name])
+        new_tensors += tensors
+        new_nodes.append(node)
+        found.add(module_name)
+    missing = set(wanted.values()) - found
+    if missing:
+        raise EdgeqError(
+            f"{len(missing)} quantized weights were not found in the exported graph "
+            f"(e.g. {sorted(missing)[0]}); the exporter changed their layout"
+        )
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_tensors)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)
+    return len(new_nodes)
+
+
+def save_onnx(graph_model: onnx.ModelProto, path: Path) -> bool:
+    """Save, with external data when the weights would pass protobuf's 2 GiB limit; returns whether
+    external data was used."""
+    external = graph_model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        graph_model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
+    return external
+
+
+def export_qdq(model, weights: dict[str, QuantizedWeight], out_dir: Path, opset: int = 21) -> OnnxExportInfo:
+    """Write ``out_dir/model.onnx`` (+ config files) for a model whose quantized linears hold their
+    dequantized weights. Checked with ``onnx.checker`` (full_check)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeq-onnx-") as tmp:
+        fp_path = export_decoder_with_past(model, Path(tmp), opset)
+        graph_model = onnx.load(str(fp_path))
+        replaced = replace_weights_with_qdq(graph_model, weights)
+        for extra in Path(tmp).iterdir():
+            if extra.suffix == ".json" and not (out_dir / extra.name).exists():
+                shutil.copy2(extra, out_dir / extra.name)
+    path = out_dir / MODEL_FILE
+    external = save_onnx(graph_model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    total = sum(p.stat().st_size for p in out_dir.glob("model.onnx*"))
+    return OnnxExportInfo(path=path, replaced_weights=replaced, bytes_total=total, external_data=external)

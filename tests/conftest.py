@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models built from configs, saved as local HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 96
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=72,  # 72 = 4.5 x 16: exercises a ragged last group at group size 16
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=18,
+    max_position_embeddings=256,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, sliding_window=8),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    if model_type == "qwen2":  # random q/k/v biases, so the bias path is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.1)
+    return model.eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny character-level tokenizer (no files needed) over VOCAB ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 2)]
+    vocab = {"<unk>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny Llama saved as a local Hugging Face folder, with a tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_data_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A data folder laid out like ../shared/data, with small synthetic texts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "data"
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "c4-sample").mkdir()
+    lines = [" = Title = ", ""] + [f" sentence number {i} about things and more things ." for i in range(200)]
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = [" ".join(f"word{j} of document {i}." for j in range(30)) for i in range(20)]
+    pq.write_table(pa.table({"text": docs}), root / "c4-sample" / "c4_validation_docs0-999.parquet")
+    monkeypatch.setenv("EDGEQ_DATA_DIR", str(root))
+    return root

@@ -1,0 +1,261 @@
+"""The CLI's contract for bad input: exit status 2, one ``edgeq: error:`` line on stderr, and no
+output folder (nor a hidden ``.NAME.partial-*`` one) left behind. Plus one end-to-end export + eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+import edgeq.export  # noqa: F401  (imported up front so the timing checks below exclude import time)
+from edgeq.cli import main
+from edgeq.config import ExportConfig
+
+# Bad input must be rejected before any heavy work; on the tiny fixtures every case takes well under this.
+FAST_SECONDS = 10.0
+
+
+def run_cli(argv: list[str]) -> int:
+    """``edgeq.cli.main`` in-process; argparse-level errors raise SystemExit, the rest return."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def assert_clean_failure(capsys, args: list[str], out: Path, leave: tuple[str, ...] = ()) -> str:
+    """Run ``edgeq --no-progress export ARGS --out OUT`` and check the error contract.
+
+    ``leave``: names that were in ``out.parent`` before the call and must still be its only entries.
+    Returns the error message (after the ``edgeq: error:`` prefix).
+    """
+    start = time.perf_counter()
+    code = run_cli(["--no-progress", "export", *args, "--out", str(out)])
+    elapsed = time.perf_counter() - start
+    captured = capsys.readouterr()
+
+    assert code == 2, f"exit status {code}, stderr:\n{captured.err}"
+    lines = captured.err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    # The last line is the error, and it is the only one: a multi-line message would push its first
+    # line (the one with the prefix) off the end.
+    assert lines[-1].startswith("edgeq: error:"), captured.err
+    assert sum("edgeq: error:" in line for line in lines) == 1, captured.err
+    assert captured.out == ""
+
+    if not leave:
+        assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(leave), "something was left behind"
+
+    assert elapsed < FAST_SECONDS, f"took {elapsed:.1f} s: the input is validated too late"
+    return lines[-1].removeprefix("edgeq: error:").strip()
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """An output path whose parent exists and starts empty, so leftovers are visible."""
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    return parent / "art"
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def test_missing_model_path(capsys, out, text_data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = assert_clean_failure(capsys, ["--model", "./does/not/exist"], out)
+    assert "./does/not/exist" in msg
+    assert "not found" in msg
+
+
+def test_model_path_is_a_plain_file(capsys, out, text_data_dir, tmp_path):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x00" * 64)
+    msg = assert_clean_failure(capsys, ["--model", str(weights)], out)
+    assert str(weights) in msg
+    assert ".gguf" in msg
+
+
+def test_model_folder_without_config(capsys, out, text_data_dir, tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "README.md").write_text("hello\n")
+    msg = assert_clean_failure(capsys, ["--model", str(folder)], out)
+    assert str(folder) in msg
+    assert "config.json" in msg
+
+
+def _save_bert(folder: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(folder)
+
+
+def test_non_causal_model_fails_cleanly(capsys, out, text_data_dir, tmp_path):
+    folder = tmp_path / "tiny-bert"
+    _save_bert(folder)
+    msg = assert_clean_failure(capsys, ["--model", str(folder)], out)
+    assert "bert" in msg
+
+
+def test_non_causal_model_says_so(capsys, out, text_data_dir, tmp_path):
+    folder = tmp_path / "tiny-bert"
+    _save_bert(folder)
+    msg = assert_clean_failure(capsys, ["--model", str(folder)], out)
+    assert "not a causal language model" in msg
+
+
+def test_unsupported_causal_architecture(capsys, out, text_data_dir, tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "tiny-gpt2"
+    GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=64).save_pretrained(folder)
+    msg = assert_clean_failure(capsys, ["--model", str(folder)], out)
+    assert "gpt2" in msg
+    assert "llama" in msg  # names the supported architectures
+
+
+def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Both libraries read HF_HUB_OFFLINE once, at import; in a fresh `edgeq` process the variable is
+    # seen there. In-process, mirror what that import would have set.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True)
+    spec = "someorg/some-model-that-does-not-exist"
+    msg = assert_clean_failure(capsys, ["--model", spec], out)  # also checks it fails fast
+    assert spec in msg
+    assert "hub" in msg.lower()
+
+
+# --- quantization options ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--scheme", "w9a9"], "unknown scheme 'w9a9'"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--group-size", "100"], "group size 100"),
+        (["--bits", "5"], "bits must be"),
+    ],
+    ids=["scheme", "method", "group-size", "bits"],
+)
+def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), *args], out)
+    assert expected in msg
+
+
+def test_argparse_error_in_subcommand(capsys, out, text_data_dir, tiny_model_dir):
+    assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--group-size", "abc"], out)
+
+
+# --- calibration data -------------------------------------------------------------------------
+
+
+def test_empty_calibration_file(capsys, out, text_data_dir, tiny_model_dir, tmp_path):
+    calib = tmp_path / "empty.txt"
+    calib.write_text("")
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--calib", str(calib)], out)
+    assert str(calib) in msg
+    assert "no text" in msg
+
+
+def test_calibration_file_too_short(capsys, out, text_data_dir, tiny_model_dir, tmp_path):
+    calib = tmp_path / "short.txt"
+    calib.write_text("just a few words\n")
+    args = ["--model", str(tiny_model_dir), "--calib", str(calib), "--calib-seq-len", "512"]
+    msg = assert_clean_failure(capsys, args, out)
+    assert "too short" in msg
+    assert "512" in msg
+
+
+def test_missing_calibration_file(capsys, out, text_data_dir, tiny_model_dir, tmp_path):
+    calib = tmp_path / "nope.txt"
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--calib", str(calib)], out)
+    assert str(calib) in msg
+    assert "not found" in msg
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+
+def test_output_folder_exists(capsys, out, text_data_dir, tiny_model_dir):
+    out.mkdir()
+    marker = out / "keep-me.txt"
+    marker.write_text("precious\n")
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir)], out, leave=(out.name,))
+    assert "--overwrite" in msg
+    assert str(out) in msg
+    assert sorted(p.name for p in out.iterdir()) == ["keep-me.txt"]
+    assert marker.read_text() == "precious\n"
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+
+def test_export_then_eval(capsys, tmp_path, text_data_dir, tiny_model_dir):
+    art = tmp_path / "art"
+    code = run_cli(
+        [
+            "--no-progress",
+            "export",
+            "--model",
+            str(tiny_model_dir),
+            "--group-size",
+            "16",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--eval-seq-len",
+            "32",
+            "--eval-windows",
+            "3",
+            "--out",
+            str(art),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"wrote {art}" in captured.out
+
+    names = {p.name for p in art.iterdir()}
+    for name in ("model.onnx", "edgeq_config.json", "report.json", "config.json", "tokenizer_config.json"):
+        assert name in names, sorted(names)
+    assert "tokenizer.json" in names, sorted(names)
+    assert not list(tmp_path.glob(".art.partial-*"))
+
+    report = json.loads((art / "report.json").read_text())
+    ppl = report["perplexity"]
+    onnx_ppl = ppl["quant_onnx"]["CPUExecutionProvider"]["accuracy_level_0"]
+    for value in (ppl["fp_torch"], ppl["quant_torch"], onnx_ppl):
+        assert math.isfinite(value) and value > 1, ppl
+    assert report["onnx_parity"]["passed"] is True, report["onnx_parity"]
+
+    saved = json.loads((art / "edgeq_config.json").read_text())
+    config = ExportConfig.from_dict(saved)
+    assert config.to_dict() == saved
+    assert ExportConfig.from_dict(config.to_dict()) == config
+    assert config.quant.weights.group_size == 16
+    assert config.model == str(tiny_model_dir)
+    assert (config.calibration.num_sequences, config.calibration.seq_len) == (4, 32)
+    assert (config.evaluation.seq_len, config.evaluation.max_windows) == (32, 3)
+
+    code = run_cli(
+        ["--no-progress", "eval", "--model", str(art), "--eval-seq-len", "32", "--eval-windows", "3"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["windows"] == 3 and result["seq_len"] == 32
+    assert result["perplexity"] == pytest.approx(onnx_ppl, rel=1e-6)

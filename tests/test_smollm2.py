@@ -1,0 +1,118 @@
+"""Real-model integration: SmolLM2-135M (the built-in default) exported end to end, as CI runs it.
+
+Few calibration sequences and evaluation windows keep it to a couple of minutes; the full
+measurements live in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeq.cli import main
+from edgeq.config import ExportConfig
+from edgeq.models.loading import _builtin_gguf_path, load_config, resolve_model
+
+pytestmark = pytest.mark.slow
+
+EVAL_WINDOWS = 6
+
+
+@pytest.fixture(scope="module")
+def smollm2_artifact(tmp_path_factory) -> Path:
+    pytest.importorskip("gguf")
+    try:
+        _builtin_gguf_path("smollm2-135m")
+    except Exception as err:  # the package is installed by the README's test command
+        pytest.fail(f"SmolLM2 GGUF not available: {err}")
+    out = tmp_path_factory.mktemp("smollm2") / "w4a16-rtn"
+    status = main([
+        "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a16", "--method", "rtn",
+        "--group-size", "128", "--calib-samples", "4", "--calib-seq-len", "256",
+        "--eval-windows", str(EVAL_WINDOWS), "--out", str(out),
+    ])  # fmt: skip
+    assert status == 0
+    return out
+
+
+def test_onnx_perplexity_matches_pytorch_fake_quant(smollm2_artifact):
+    report = json.loads((smollm2_artifact / "report.json").read_text())
+    ppl = report["perplexity"]
+    onnx_ppl = ppl["quant_onnx"]["CPUExecutionProvider"]["accuracy_level_0"]
+    assert abs(onnx_ppl - ppl["quant_torch"]) / ppl["quant_torch"] <= 0.005
+    assert report["onnx_parity"]["passed"]
+    # a real language model: FP perplexity of a 135M model on WikiText-2, and 4-bit RTN costs some
+    assert 10 < ppl["fp_torch"] < 60
+    assert ppl["fp_torch"] < ppl["quant_torch"] < 2 * ppl["fp_torch"]
+    assert report["evaluation"]["windows"] == EVAL_WINDOWS
+    assert report["onnx"]["quantized_weights"] == 7 * 30
+    # int4 blocks + fp32 embedding: far below the fp32 parameters
+    assert report["sizes_bytes"]["onnx_model"] < 0.4 * report["sizes_bytes"]["fp32_parameters"]
+
+
+def test_artifact_holds_config_tokenizer_and_int4_weights(smollm2_artifact):
+    import onnx
+
+    config = ExportConfig.from_dict(json.loads((smollm2_artifact / "edgeq_config.json").read_text()))
+    assert config.quant.weights.group_size == 128 and config.quant.method == "rtn"
+    for name in ("model.onnx", "config.json", "tokenizer.json", "report.json"):
+        assert (smollm2_artifact / name).exists(), name
+    graph = onnx.load(str(smollm2_artifact / "model.onnx"), load_external_data=False).graph
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 * 30
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in dq)
+    int4 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT4]
+    assert len(int4) == 2 * 7 * 30  # codes and zero points
+
+
+def test_optimum_generate_runs_the_artifact(smollm2_artifact):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_artifact)
+    model = ORTModelForCausalLM.from_pretrained(smollm2_artifact)
+    ids = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.input_ids.shape[1] + 8
+    text = tokenizer.decode(out[0, ids.input_ids.shape[1] :])
+    assert text.strip()
+
+
+def test_kv_cache_decode_matches_a_full_prefill(smollm2_artifact):
+    """Feeding tokens one by one through the KV cache gives the prefill's last logits."""
+    from edgeq.evaluation import OrtCausalLM
+
+    lm = OrtCausalLM(smollm2_artifact)
+    ids = torch.randint(100, 40000, (1, 12), generator=torch.Generator().manual_seed(0))
+    full = lm.logits(ids)[0, -1].numpy()
+    feeds_past = lm.empty_past(1)
+    for t in range(ids.shape[1]):
+        step = ids[:, t : t + 1].numpy()
+        feeds = {
+            "input_ids": step,
+            "attention_mask": np.ones((1, t + 1), np.int64),
+            "position_ids": np.array([[t]], np.int64),
+            **feeds_past,
+        }
+        outputs = lm.session.run(None, feeds)
+        names = [o.name for o in lm.session.get_outputs()]
+        result = dict(zip(names, outputs, strict=True))
+        feeds_past = {
+            name.replace("present", "past_key_values"): value
+            for name, value in result.items()
+            if name.startswith("present")
+        }
+    np.testing.assert_allclose(result["logits"][0, -1], full, rtol=1e-3, atol=1e-3)
+    assert math.isfinite(float(np.abs(full).max()))
+
+
+def test_a_gguf_file_path_resolves_to_a_llama():
+    gguf = _builtin_gguf_path("smollm2-135m")
+    source = resolve_model(str(gguf))
+    assert source.gguf_file == gguf.name
+    assert load_config(source).model_type == "llama"
