@@ -40,12 +40,46 @@ class WeightQuantConfig:
 
 
 @dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs.
+
+    percdamp: dampening λ = percdamp · mean(diag H) added to diag H.
+    act_order: quantize columns in order of decreasing diag H (the groups stay the original column
+    groups, their grids fixed before the sweep).
+    clip_grid: shrink factors of the min-max range tried per (row, group), from 1 down to
+    1 - max_shrink; the one with the smallest diag(H)-weighted rounding error wins (1 = no search).
+    """
+
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+
+
+@dataclass(frozen=True)
+class BoAOptions:
+    """BoA's knobs (GPTQ's apply to its column sweeps and to o_proj and the MLP).
+
+    row_block: output rows of every head quantized jointly (TurboBoA); 1 = exact row-by-row BoA.
+    relaxed_v: W_V uses the plain input Hessian (no attention weighting), saving heads × d_in² memory.
+    row_percdamp: dampening of the row Hessians.
+    """
+
+    row_block: int = 16
+    relaxed_v: bool = False
+    row_percdamp: float = 0.01
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and with which algorithm."""
 
     scheme: str = "w4a16"
-    method: str = "rtn"
+    method: str = "boa"
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    boa: BoAOptions = field(default_factory=BoAOptions)
 
 
 @dataclass(frozen=True)
@@ -92,6 +126,8 @@ class ExportConfig:
     def from_dict(cls, data: dict[str, Any]) -> ExportConfig:
         quant = dict(data.get("quant", {}))
         quant["weights"] = WeightQuantConfig(**quant.get("weights", {}))
+        quant["gptq"] = GPTQOptions(**quant.get("gptq", {}))
+        quant["boa"] = BoAOptions(**quant.get("boa", {}))
         return cls(
             model=data["model"],
             quant=QuantConfig(**quant),
@@ -105,6 +141,7 @@ class ExportConfig:
 SCHEMES: dict[str, QuantConfig] = {
     # Weight-only 4-bit, asymmetric group-128: what ORT's MatMulNBits runs natively.
     "w4a16": QuantConfig(scheme="w4a16", weights=WeightQuantConfig(bits=4, group_size=128, symmetric=False)),
+    "w3a16": QuantConfig(scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False)),
 }
 
 

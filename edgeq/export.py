@@ -28,7 +28,7 @@ from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from edgeq.pipeline import QuantizationResult, quantize_model
-from edgeq.quant import quantizer_class
+from edgeq.quant import method_class
 from exporters.onnx_qdq import OnnxExportInfo, export_qdq
 
 log = logging.getLogger("edgeq")
@@ -43,7 +43,7 @@ ONNX_PARITY_TOLERANCE = 0.005
 def validate_inputs(config: ExportConfig) -> None:
     """Every check that needs no model, so bad input fails before minutes of work."""
     config.quant.weights.validate()
-    quantizer_class(config.quant.method)
+    method_class(config.quant.method)
     if config.format != "qdq":
         raise EdgeqError(f"unknown format '{config.format}': choose qdq")
     if config.calibration.num_sequences < 1 or config.calibration.seq_len < 2:

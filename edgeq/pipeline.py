@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from edgeq.config import QuantConfig
 from edgeq.models.adapters import Adapter
-from edgeq.quant import QuantizedWeight, quantizer_class
+from edgeq.quant import QuantizedWeight, method_class
+from edgeq.quant.block import BlockContext
 
 
 @dataclass
@@ -118,7 +119,7 @@ def quantize_model(
     calibration_ids: LongTensor [N, L].
     """
     config.weights.validate()
-    method = quantizer_class(config.method)
+    method = method_class(config.method)(config)
     start = time.perf_counter()
     result = QuantizationResult()
     inputs = capture_block_inputs(model, adapter, calibration_ids, batch_size)
@@ -126,27 +127,15 @@ def quantize_model(
     blocks = adapter.blocks(model)
     bar = tqdm(blocks, desc=f"quantize {config.method}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
-        kwargs = [batch[index] for batch in inputs.kwargs]
-        linears = adapter.linears(block)
-        quantizers = {role: method(layer, config.weights) for role, layer in linears.items()}
-        hooks = []
-        if method.needs_activations:
-            for role, layer in linears.items():
-                hooks.append(
-                    layer.register_forward_hook(
-                        lambda _m, args, _out, q=quantizers[role]: q.add_batch(args[0].detach())
-                    )
-                )
-        try:
-            fp_out = _run_block(block, hidden, kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for role, layer in linears.items():
-            qweight = quantizers[role].quantize()
+        ctx = BlockContext(
+            index, block, adapter, model.config, hidden, [batch[index] for batch in inputs.kwargs]
+        )
+        qweights = method.quantize_block(ctx)
+        fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
+        for role, layer in ctx.linears.items():
             name = adapter.linear_name(index, role)
             w = layer.weight.data
-            dequant = qweight.dequantize().to(w.dtype)
+            dequant = qweights[role].dequantize().to(w.dtype)
             result.layers.append(
                 LayerStats(
                     name=name,
@@ -156,8 +145,8 @@ def quantize_model(
                 )
             )
             layer.weight.data.copy_(dequant)
-            result.weights[name] = qweight
-        hidden = _run_block(block, hidden, kwargs)
+            result.weights[name] = qweights[role]
+        hidden = _run_block(block, hidden, ctx.kwargs)
         result.block_output_rel_error.append(_rel_error(hidden, fp_out))
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
     result.seconds = time.perf_counter() - start

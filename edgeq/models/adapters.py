@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -46,6 +47,8 @@ class Adapter:
     residual-stream rotation does not commute with them.
     norm_offset: RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma.
     rope: how RoPE is applied to q and k ("rotate_half": pairs (i, i + head_dim/2)).
+    rope_kwargs: the block keyword that carries (cos, sin) [b, L, head_dim], by the block's
+    ``attention_type`` ("" when the architecture has one kind of attention layer).
     """
 
     name: str
@@ -58,6 +61,8 @@ class Adapter:
     norm_offset: float = 0.0
     qkv_bias: bool = False
     rope: str = "rotate_half"
+    rope_kwargs: dict[str, str] = field(default_factory=lambda: {"": "position_embeddings"})
+    attention_path: str = "self_attn"
     blocks_path: str = "model.layers"
     embed_path: str = "model.embed_tokens"
     final_norm_path: str = "model.norm"
@@ -85,6 +90,18 @@ class Adapter:
     def norms(self, block: nn.Module) -> dict[str, nn.Module]:
         names = (self.attn_norm, self.mlp_norm, *self.branch_norms)
         return {name: block.get_submodule(name) for name in names}
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attention_path)
+
+    def qk_norm_modules(self, block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """(q_norm, k_norm) applied per head before RoPE, or None."""
+        return tuple(block.get_submodule(p) for p in self.qk_norms) if self.qk_norms else None
+
+    def rope_cos_sin(self, block: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) [b, L, head_dim] this block applies to q and k, from its call's kwargs."""
+        key = self.rope_kwargs.get(getattr(block, "attention_type", ""), self.rope_kwargs.get(""))
+        return kwargs[key]
 
     def embedding(self, model: nn.Module) -> nn.Embedding:
         return model.get_submodule(self.embed_path)
@@ -115,6 +132,10 @@ GEMMA3 = Adapter(
     branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
     norm_offset=1.0,
+    rope_kwargs={
+        "full_attention": "position_embeddings_global",
+        "sliding_attention": "position_embeddings_local",
+    },
 )
 
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, QWEN2, GEMMA3)

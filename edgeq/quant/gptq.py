@@ -1,0 +1,130 @@
+"""GPTQ (Frantar et al., 2022): column-by-column rounding with optimal compensation of the columns
+not yet quantized, minimizing tr(ΔW H ΔWᵀ) with H = 2 E[x xᵀ].
+
+Notation, following the paper: U is the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U). Quantizing column j
+leaves the error e = (w_j − q_j) / U_jj, which is spread over the later columns as W[:, j:] −= e · U[j, j:].
+Columns are processed in blocks of ``block_size`` with lazy batched updates of the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgeq.config import GPTQOptions, WeightQuantConfig
+from edgeq.quant.grid import (
+    QuantizedWeight,
+    grid_params,
+    num_groups,
+    quantize_to_codes,
+    resolve_group_size,
+)
+
+
+def dampen(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H [n, n] → (H + λI with dead columns set to 1 on the diagonal, dead mask [n]).
+    A dead column (diag 0: the input is always 0) cannot affect the output."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    damp = percdamp * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    return h, dead
+
+
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with Uᵀ U = H⁻¹. h [n, n] positive definite (dampen first)."""
+    lower = torch.linalg.cholesky(h)
+    hinv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def search_grid(
+    w: torch.Tensor, weight: torch.Tensor, bits: int, symmetric: bool, grid: int, max_shrink: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of each row of w [r, n] whose clipped range minimizes Σ_j weight_j (w_j − ŵ_j)².
+    weight [n] ≥ 0 (e.g. diag H). Returns scale [r], zero [r]."""
+    best_scale, best_zero = grid_params(w, bits, symmetric)
+    if grid <= 1:
+        return best_scale, best_zero
+    best_err = torch.full((w.shape[0],), float("inf"))
+    for i in range(grid):
+        shrink = 1.0 - max_shrink * i / grid
+        scale, zero = grid_params(w * shrink, bits, symmetric)
+        codes = quantize_to_codes(w, scale[:, None], zero[:, None], bits)
+        err = ((codes.float() - zero[:, None].float()) * scale[:, None] - w).pow(2).mul(weight).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def gptq_sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    config: WeightQuantConfig,
+    h_diag: torch.Tensor,
+    options: GPTQOptions,
+    perm: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize w [r, c] against U [c, c] (upper Cholesky of H⁻¹, columns in ``perm`` order when given).
+
+    Without act-order a group's grid is found when the sweep reaches its first column, from the
+    already-compensated weights (as in GPTQ); with act-order all grids are fixed before the sweep.
+    """
+    rows, cols = w.shape
+    group = resolve_group_size(config, cols)
+    groups = num_groups(cols, group)
+    scale = torch.zeros(rows, groups)
+    zero = torch.zeros(rows, groups, dtype=torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+
+    def fit(g: int, columns: torch.Tensor) -> None:
+        lo, hi = g * group, min((g + 1) * group, cols)
+        scale[:, g], zero[:, g] = search_grid(
+            columns, h_diag[lo:hi], config.bits, config.symmetric, options.clip_grid, options.max_shrink
+        )
+
+    w = w.clone().float()
+    if perm is not None:  # static groups, fitted on the original column order
+        for g in range(groups):
+            fit(g, w[:, g * group : min((g + 1) * group, cols)])
+        w = w[:, perm]
+    order = perm if perm is not None else torch.arange(cols)
+    for b0 in range(0, cols, options.block_size):
+        b1 = min(b0 + options.block_size, cols)
+        errors = torch.zeros(rows, b1 - b0)
+        for j in range(b0, b1):
+            col = int(order[j])
+            g = col // group
+            if perm is None and col % group == 0:
+                fit(g, w[:, col : min(col + group, cols)])
+            q = quantize_to_codes(w[:, j : j + 1], scale[:, g : g + 1], zero[:, g : g + 1], config.bits)
+            codes[:, col] = q[:, 0]
+            dequant = (q[:, 0].float() - zero[:, g].float()) * scale[:, g]
+            err = (w[:, j] - dequant) / u[j, j]
+            w[:, j:b1] -= err[:, None] * u[j, j:b1][None, :]
+            errors[:, j - b0] = err
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    return QuantizedWeight(codes, scale, zero, config.bits, group, config.symmetric)
+
+
+def gptq_quantize(
+    w: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig, options: GPTQOptions = GPTQOptions()
+) -> QuantizedWeight:
+    """GPTQ of one weight w [r, c] with layer Hessian h [c, c]."""
+    h, dead = dampen(h, options.percdamp)
+    w = w.clone().float()
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
+    hp = h[perm][:, perm] if perm is not None else h
+    u = inverse_cholesky_upper(hp)
+    return gptq_sweep(w, u, config, torch.diag(h), options, perm)
+
+
+def layer_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the layer-output error GPTQ minimizes. delta [r, c], h [c, c]."""
+    return float(torch.einsum("ij,jk,ik->", delta, h, delta))
+
+
+__all__ = ["GPTQOptions", "gptq_quantize", "gptq_sweep", "layer_loss"]

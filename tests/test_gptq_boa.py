@@ -1,0 +1,228 @@
+"""The math of GPTQ and BoA, on random layers and a tiny attention, against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from edgeq.config import BoAOptions, GPTQOptions, QuantConfig, WeightQuantConfig
+from edgeq.models.adapters import adapter_for
+from edgeq.pipeline import capture_block_inputs, quantize_model
+from edgeq.quant.block import BlockContext
+from edgeq.quant.boa import kronecker_loss, kronecker_quantize, rope_matrices
+from edgeq.quant.gptq import gptq_quantize, layer_loss
+from edgeq.quant.grid import rtn_quantize
+from edgeq.quant.hessian import HessianAccumulator
+from edgeq.quant.methods import OTHER_ROLES, collect_attention_statistics
+
+CONFIGS = [
+    WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
+    WeightQuantConfig(bits=4, group_size=32),  # 200 columns: a ragged last group of 8
+    WeightQuantConfig(bits=3, group_size=-1),
+]
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    """A correlated symmetric positive-definite matrix, like a real input Hessian."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=g) @ (torch.randn(n, n, generator=g) * 0.5 + torch.eye(n))
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_loss_is_below_rtn(config, act_order):
+    h = spd(200, 0)
+    w = torch.randn(48, 200, generator=torch.Generator().manual_seed(1))
+    rtn = layer_loss(rtn_quantize(w, config).dequantize() - w, h)
+    gptq = layer_loss(gptq_quantize(w, h, config, GPTQOptions(act_order=act_order)).dequantize() - w, h)
+    assert gptq < 0.8 * rtn
+
+
+def test_gptq_with_a_diagonal_hessian_is_rtn():
+    """Uncorrelated inputs leave nothing to compensate: GPTQ without clipping rounds to nearest."""
+    w = torch.randn(16, 64)
+    h = torch.diag(torch.rand(64) + 0.5)
+    for config in CONFIGS[:2]:
+        gptq = gptq_quantize(w, h, config, GPTQOptions(clip_grid=1, act_order=False))
+        assert torch.equal(gptq.codes, rtn_quantize(w, config).codes)
+
+
+def test_gptq_zeroes_dead_columns_and_the_clip_search_helps():
+    h = spd(64, 3)
+    h[5, :] = 0
+    h[:, 5] = 0
+    w = torch.randn(16, 64)
+    config = WeightQuantConfig(bits=3, group_size=-1)
+    q = gptq_quantize(w, h, config)
+    assert torch.all(q.dequantize()[:, 5] == 0)
+    no_clip = gptq_quantize(w, h, config, GPTQOptions(clip_grid=1))
+    assert layer_loss(q.dequantize() - w, h) < layer_loss(no_clip.dequantize() - w, h)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("row_block", [1, 4])
+def test_boa_kronecker_loss_is_below_gptq_under_the_same_row_hessian(config, row_block):
+    heads, hd, d_in = 3, 16, 200
+    h_col = spd(d_in, 0)
+    h_row = torch.stack([spd(hd, 10 + h) for h in range(heads)])
+    w = torch.randn(heads * hd, d_in, generator=torch.Generator().manual_seed(2))
+    gptq = kronecker_loss(gptq_quantize(w, h_col, config).dequantize() - w, h_row, h_col)
+    boa = kronecker_quantize(w, h_row, h_col, config, BoAOptions(row_block=row_block))
+    assert kronecker_loss(boa.dequantize() - w, h_row, h_col) < 0.9 * gptq
+
+
+def test_boa_with_identity_row_hessians_is_gptq():
+    heads, hd, d_in = 2, 8, 64
+    h_col = spd(d_in, 4)
+    w = torch.randn(heads * hd, d_in)
+    config = WeightQuantConfig(bits=4, group_size=16)
+    eye = torch.eye(hd).expand(heads, hd, hd)
+    boa = kronecker_quantize(w, eye, h_col, config, BoAOptions(row_block=4))
+    assert torch.equal(boa.codes, gptq_quantize(w, h_col, config).codes)
+
+
+def test_per_head_column_hessians():
+    """W_V's case: one column Hessian per head; the result is in the original row order."""
+    heads, hd, d_in = 2, 8, 48
+    h_col = torch.stack([spd(d_in, 5), spd(d_in, 6)])
+    w = torch.randn(heads * hd, d_in)
+    config = WeightQuantConfig(bits=4, group_size=16)
+    eye = torch.eye(hd).expand(heads, hd, hd)
+    boa = kronecker_quantize(w, eye, h_col, config)
+    for h in range(heads):
+        alone = gptq_quantize(w[h * hd : (h + 1) * hd], h_col[h], config)
+        assert torch.equal(boa.codes[h * hd : (h + 1) * hd], alone.codes)
+
+
+def test_rope_matrices_match_transformers_rotary():
+    model = tiny_model("llama")
+    hd = 18
+    positions = torch.arange(7)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 7, hd), positions)
+    x = torch.randn(1, 1, 7, hd)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    r = rope_matrices(cos[0], sin[0])
+    torch.testing.assert_close(torch.einsum("lij,lj->li", r, x[0, 0]), expected[0, 0])
+
+
+def _block_statistics(model_type: str, relaxed_v: bool = False):
+    model = tiny_model(model_type)
+    model.config._attn_implementation = "eager"  # so the attention module returns its probabilities
+    adapter = adapter_for(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, batch_size=2)
+    block = adapter.blocks(model)[0]
+    ctx = BlockContext(0, block, adapter, model.config, inputs.hidden, [b[0] for b in inputs.kwargs])
+    stats, acc = collect_attention_statistics(ctx, OTHER_ROLES, relaxed_v)
+    return model, adapter, ctx, stats, acc
+
+
+def test_qkv_hessians_equal_brute_force_from_the_attention_itself():
+    """Row Hessians from the model's own post-RoPE q/k, V's column Hessian from the model's own
+    attention probabilities (eager attention), against BoA's accumulators."""
+    model, adapter, ctx, stats, _ = _block_statistics("llama")
+    shape = adapter.attention_shape(model.config)
+    attn = adapter.attention(ctx.block)
+    linears = ctx.linears
+    record = {}
+    hooks = [
+        ctx.block.get_submodule(adapter.attn_norm).register_forward_hook(lambda m, a, o: record.update(x=o)),
+        attn.register_forward_hook(lambda m, a, o: record.update(probs=o[1])),
+    ]
+    group = shape.num_heads // shape.num_kv_heads
+    q_sum = torch.zeros(shape.num_heads, shape.head_dim, shape.head_dim)
+    k_sum = torch.zeros(shape.num_kv_heads, shape.head_dim, shape.head_dim)
+    v_col = torch.zeros(shape.num_kv_heads, shape.hidden_size, shape.hidden_size)
+    tokens = 0
+    xs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(ctx.hidden, ctx.kwargs, strict=True):
+            ctx.block(hidden, **kwargs)
+            x, probs = record["x"], record["probs"]
+            xs.append(x)
+            b, length, _ = x.shape
+            q = linears["q"](x).view(b, length, shape.num_heads, -1).transpose(1, 2)
+            k = linears["k"](x).view(b, length, shape.num_kv_heads, -1).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            for i in range(b):
+                for h in range(shape.num_heads):
+                    q_sum[h] += q[i, h].T @ q[i, h]
+                    a_x = probs[i, h] @ x[i]  # [L, d]: what head h's attention mixes
+                    v_col[h // group] += a_x.T @ a_x
+                for g in range(shape.num_kv_heads):
+                    k_sum[g] += k[i, g].T @ k[i, g]
+            tokens += b * length
+    for hook in hooks:
+        hook.remove()
+    cos, sin = ctx.kwargs[0]["position_embeddings"]
+    # R_l e_j for every basis vector e_j, through transformers' own RoPE: r[l][:, j] = R_l e_j
+    basis = torch.eye(shape.head_dim)[None, :, None, :].expand(1, -1, cos.shape[1], -1)  # [1, d, L, d]
+    rotated, _ = apply_rotary_pos_emb(basis, basis, cos[:1], sin[:1])
+    r = rotated[0].permute(1, 2, 0)  # [L, d, d]
+    h_row_q, h_row_k = stats.row_hessians()
+    for h in range(shape.num_heads):
+        sigma = k_sum[h // group] / tokens
+        expected = torch.stack([r[pos].T @ sigma @ r[pos] for pos in range(r.shape[0])]).mean(0)
+        torch.testing.assert_close(h_row_q[h], expected, rtol=1e-4, atol=1e-6)
+    for g in range(shape.num_kv_heads):
+        sigma = (q_sum[g * group : (g + 1) * group] / tokens).mean(0)
+        expected = torch.stack([r[pos].T @ sigma @ r[pos] for pos in range(r.shape[0])]).mean(0)
+        torch.testing.assert_close(h_row_k[g], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.v_col_hessians(), 2 * v_col / tokens, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        stats.x.hessian, HessianAccumulator_from(record_inputs(ctx, adapter)), rtol=1e-5, atol=1e-6
+    )
+
+
+def record_inputs(ctx, adapter) -> list[torch.Tensor]:
+    xs = []
+    hook = ctx.block.get_submodule(adapter.attn_norm).register_forward_hook(lambda m, a, o: xs.append(o))
+    with torch.no_grad():
+        for hidden, kwargs in zip(ctx.hidden, ctx.kwargs, strict=True):
+            ctx.block(hidden, **kwargs)
+    hook.remove()
+    return xs
+
+
+def HessianAccumulator_from(xs: list[torch.Tensor]) -> torch.Tensor:  # noqa: N802
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_gqa_shapes(model_type):
+    model, adapter, _, stats, acc = _block_statistics(model_type)
+    shape = adapter.attention_shape(model.config)
+    h_row_q, h_row_k = stats.row_hessians()
+    assert h_row_q.shape == (shape.num_heads, shape.head_dim, shape.head_dim)
+    assert h_row_k.shape == (shape.num_kv_heads, shape.head_dim, shape.head_dim)
+    assert stats.v_col_hessians().shape == (shape.num_kv_heads, shape.hidden_size, shape.hidden_size)
+    assert set(acc) == set(OTHER_ROLES)
+    for h in (*h_row_q, *h_row_k):  # covariances: symmetric positive semi-definite
+        torch.testing.assert_close(h, h.T)
+        assert torch.linalg.eigvalsh(h).min() > -1e-5
+
+
+def test_hessian_accumulators_agree_in_float64_and_float32():
+    x = torch.randn(5, 300, 40) * 3 + 1
+    acc32, acc64 = HessianAccumulator(40), HessianAccumulator(40, torch.float64)
+    for chunk in x:
+        acc32.add(chunk)
+        acc64.add(chunk)
+    torch.testing.assert_close(acc32.hessian, acc64.hessian, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_block_output_error_boa_below_gptq_below_rtn(model_type):
+    errors = {}
+    for method in ("rtn", "gptq", "boa"):
+        model = tiny_model(model_type)
+        ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+        config = QuantConfig(method=method, weights=WeightQuantConfig(bits=3, group_size=-1))
+        result = quantize_model(model, adapter_for(model), config, ids, batch_size=4, progress=False)
+        errors[method] = result.block_output_rel_error[-1]
+    assert errors["boa"] < errors["gptq"] < errors["rtn"]
