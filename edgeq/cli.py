@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default %(default)s)"
     )
-    export.add_argument("--method", default="rtn", help=f"one of {', '.join(METHODS)} (default %(default)s)")
+    export.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: the scheme's, boa)")
     export.add_argument("--bits", type=int, help="weight bits (default: the scheme's)")
     export.add_argument(
         "--group-size",
@@ -79,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--symmetric", dest="symmetric", action="store_true", default=None, help="symmetric weight grid"
     )
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric weight grid")
+    algo = export.add_argument_group("GPTQ / BoA options")
+    algo.add_argument(
+        "--no-act-order",
+        dest="act_order",
+        action="store_false",
+        default=None,
+        help="GPTQ columns in their natural order instead of decreasing Hessian diagonal",
+    )
+    algo.add_argument("--percdamp", type=float, help="Hessian dampening, fraction of mean diagonal (0.01)")
+    algo.add_argument("--clip-grid", type=int, help="clipping candidates per group, 1 = min-max grid (20)")
+    algo.add_argument("--row-block", type=int, help="BoA: output rows of every head quantized jointly (16)")
+    algo.add_argument(
+        "--relaxed-v",
+        action="store_true",
+        default=None,
+        help="BoA: plain input Hessian for W_V (saves heads x d^2 memory)",
+    )
+    algo.add_argument(
+        "--alpha", type=float, help="BoA: correction for earlier blocks' error, 0 = off (TurboBoA)"
+    )
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
     export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")
@@ -105,16 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _replace(options, **overrides):
+    """``options`` with the overrides the user actually gave (None = not given)."""
+    return dataclasses.replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
     quant = scheme_preset(args.scheme)
-    weights = quant.weights
-    overrides = {
-        k: v
-        for k, v in (("bits", args.bits), ("group_size", args.group_size), ("symmetric", args.symmetric))
-        if v is not None
-    }
-    weights = dataclasses.replace(weights, **overrides)
-    quant = dataclasses.replace(quant, method=args.method, weights=weights)
+    weights = _replace(quant.weights, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
+    gptq = _replace(quant.gptq, act_order=args.act_order, percdamp=args.percdamp, clip_grid=args.clip_grid)
+    boa = _replace(quant.boa, row_block=args.row_block, relaxed_v=args.relaxed_v, alpha=args.alpha)
+    quant = dataclasses.replace(
+        quant, method=args.method or quant.method, weights=weights, gptq=gptq, boa=boa
+    )
     return ExportConfig(
         model=args.model,
         quant=quant,

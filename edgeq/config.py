@@ -64,11 +64,15 @@ class BoAOptions:
     row_block: output rows of every head quantized jointly (TurboBoA); 1 = exact row-by-row BoA.
     relaxed_v: W_V uses the plain input Hessian (no attention weighting), saving heads × d_in² memory.
     row_percdamp: dampening of the row Hessians.
+    alpha: strength of the correction for the error of the blocks quantized before (TurboBoA): each
+    weight targets W X_fp, the output on the unquantized model's inputs, instead of W X (0 = off;
+    needs a second, unquantized stream of block inputs).
     """
 
     row_block: int = 16
     relaxed_v: bool = False
     row_percdamp: float = 0.01
+    alpha: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -124,12 +124,13 @@ def quantize_model(
     result = QuantizationResult()
     inputs = capture_block_inputs(model, adapter, calibration_ids, batch_size)
     hidden = inputs.hidden
+    # the unquantized model's block inputs, for methods that correct for earlier blocks' error
+    fp_hidden = list(hidden) if method.needs_fp_stream else None
     blocks = adapter.blocks(model)
     bar = tqdm(blocks, desc=f"quantize {config.method}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
-        ctx = BlockContext(
-            index, block, adapter, model.config, hidden, [batch[index] for batch in inputs.kwargs]
-        )
+        kwargs = [batch[index] for batch in inputs.kwargs]
+        ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden)
         qweights = method.quantize_block(ctx)
         fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
         for role, layer in ctx.linears.items():
@@ -147,6 +148,8 @@ def quantize_model(
             layer.weight.data.copy_(dequant)
             result.weights[name] = qweights[role]
         hidden = _run_block(block, hidden, ctx.kwargs)
+        if fp_hidden is not None:
+            fp_hidden = ctx.fp_outputs
         result.block_output_rel_error.append(_rel_error(hidden, fp_out))
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
     result.seconds = time.perf_counter() - start

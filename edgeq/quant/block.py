@@ -16,7 +16,11 @@ from edgeq.quant.boa import apply_rope
 class BlockContext:
     """A block and its calibration inputs: per batch, hidden states [b, L, d] and the keyword
     arguments the model passed it. ``run`` records the block's outputs (with the weights it had
-    when it ran), so the pipeline need not run the unquantized block twice."""
+    when it ran), so the pipeline need not run the unquantized block twice.
+
+    fp_hidden: the same batches' hidden states in the unquantized model (the "FP stream"), kept only
+    for methods that correct for the error of the blocks quantized before; ``run_fp`` records the
+    block's FP-stream outputs, the next block's fp_hidden."""
 
     index: int
     block: nn.Module
@@ -25,6 +29,8 @@ class BlockContext:
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     outputs: list[torch.Tensor] = field(default_factory=list)
+    fp_hidden: list[torch.Tensor] | None = None
+    fp_outputs: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -35,6 +41,12 @@ class BlockContext:
         out = out[0] if isinstance(out, tuple) else out
         if len(self.outputs) == batch:
             self.outputs.append(out)
+        return out
+
+    def run_fp(self, batch: int) -> torch.Tensor:
+        out = self.block(self.fp_hidden[batch], **self.kwargs[batch])
+        out = out[0] if isinstance(out, tuple) else out
+        self.fp_outputs.append(out)
         return out
 
     def run_all(self) -> list[torch.Tensor]:

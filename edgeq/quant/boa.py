@@ -32,7 +32,6 @@ import torch
 from edgeq.config import BoAOptions, GPTQOptions, WeightQuantConfig
 from edgeq.quant.gptq import dampen, gptq_sweep, inverse_cholesky_upper
 from edgeq.quant.grid import QuantizedWeight
-from edgeq.quant.hessian import HessianAccumulator
 
 # ---------------------------------------------------------------------------------------------
 # RoPE and the row Hessians
@@ -72,14 +71,15 @@ def position_averaged_covariance(sigma: torch.Tensor, rope: torch.Tensor) -> tor
 class AttentionStatistics:
     """Accumulates, over calibration batches, what BoA's Q/K/V Hessians need.
 
-    add(x, q, k, probs): x [b, L, d_in] the q/k/v input; q [b, H, L, hd] and k [b, Hkv, L, hd]
-    post-RoPE; probs [b, H, L, L] attention probabilities (None in relaxed mode).
+    add(x, q, k, probs, cos, sin): x [b, L, d_in] the q/k/v input; q [b, H, L, hd] and
+    k [b, Hkv, L, hd] post-RoPE; probs [b, H, L, L] attention probabilities (None in relaxed mode);
+    cos, sin [b, L, hd] the RoPE of the batch. (The input Hessian H_col of W_Q/W_K is accumulated
+    by the caller with the other linears'.)
     """
 
     def __init__(self, d_in: int, num_heads: int, num_kv_heads: int, head_dim: int, relaxed_v: bool):
         self.group = num_heads // num_kv_heads
         self.num_kv_heads = num_kv_heads
-        self.x = HessianAccumulator(d_in)
         self.q_sum = torch.zeros(num_heads, head_dim, head_dim)
         self.k_sum = torch.zeros(num_kv_heads, head_dim, head_dim)
         self.v_col = None if relaxed_v else torch.zeros(num_kv_heads, d_in, d_in)
@@ -88,7 +88,6 @@ class AttentionStatistics:
 
     def add(self, x, q, k, probs, cos, sin) -> None:
         b, _, length, _ = q.shape
-        self.x.add(x)
         self.q_sum += torch.einsum("bhla,bhlc->hac", q, q)
         self.k_sum += torch.einsum("bhla,bhlc->hac", k, k)
         self.tokens += b * length

@@ -1,13 +1,16 @@
 """The weight-quantization methods, each applied to one decoder block at a time.
 
-    method = make_method(quant_config)
+    method = METHODS[name](quant_config)
     qweights = method.quantize_block(ctx)   # {role: QuantizedWeight}
 
 RTN needs no data. GPTQ collects each linear's input Hessian. BoA also collects the attention
-statistics of its Q/K/V Hessians (see ``edgeq.quant.boa``).
+statistics of its Q/K/V Hessians (see ``edgeq.quant.boa``) and, with ``alpha > 0``, corrects each
+weight for the error of the blocks quantized before it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -15,7 +18,7 @@ from edgeq.config import QuantConfig
 from edgeq.errors import EdgeqError
 from edgeq.quant.block import BlockContext, attention_inputs
 from edgeq.quant.boa import AttentionStatistics, kronecker_quantize
-from edgeq.quant.gptq import gptq_quantize
+from edgeq.quant.gptq import dampen, gptq_quantize
 from edgeq.quant.grid import QuantizedWeight, rtn_quantize
 from edgeq.quant.hessian import HessianAccumulator
 
@@ -23,43 +26,90 @@ from edgeq.quant.hessian import HessianAccumulator
 class RTN:
     """Round to nearest: each weight to its nearest grid point."""
 
+    needs_fp_stream = False
+
     def __init__(self, config: QuantConfig):
         self.config = config
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        return {
-            role: rtn_quantize(layer.weight.data, self.config.weights) for role, layer in ctx.linears.items()
-        }
+        weights = self.config.weights
+        return {role: rtn_quantize(layer.weight.data, weights) for role, layer in ctx.linears.items()}
 
 
-def collect_input_hessians(ctx: BlockContext, roles: list[str]) -> dict[str, HessianAccumulator]:
-    """Run the block over its calibration batches and accumulate 2E[x xᵀ] of each role's input."""
-    linears = ctx.linears
-    acc = {role: HessianAccumulator(linears[role].in_features) for role in roles}
-    hooks = [
-        linears[role].register_forward_hook(lambda _m, args, _out, a=acc[role]: a.add(args[0].detach()))
-        for role in roles
-    ]
-    try:
-        ctx.run_all()
-    finally:
-        for hook in hooks:
+class LinearInputs:
+    """Forward hooks that feed each role's input to a HessianAccumulator, batch by batch.
+
+    With an FP stream (ctx.fp_hidden), each batch runs first on the FP-stream hidden states — their
+    inputs are remembered — and then on the quantized stream, whose inputs are accumulated together
+    with their difference to the FP ones. ``last[role]`` is the latest quantized-stream input.
+    """
+
+    def __init__(self, ctx: BlockContext, roles: tuple[str, ...]):
+        self.ctx = ctx
+        linears = ctx.linears
+        self.acc = {role: HessianAccumulator(linears[role].in_features) for role in roles}
+        self.last: dict[str, torch.Tensor] = {}
+        self._fp: dict[str, torch.Tensor] = {}
+        self._fp_pass = False
+        self._hooks = [linears[role].register_forward_hook(self._hook(role)) for role in roles]
+
+    def _hook(self, role: str):
+        def hook(_module, args, _output) -> None:
+            x = args[0].detach()
+            if self._fp_pass:
+                self._fp[role] = x
+            else:
+                self.last[role] = x
+                self.acc[role].add(x, self._fp.get(role))
+
+        return hook
+
+    def run(self, batch: int) -> None:
+        if self.ctx.fp_hidden is not None:
+            self._fp_pass = True
+            self.ctx.run_fp(batch)
+            self._fp_pass = False
+        self.ctx.run(batch)
+
+    def close(self) -> None:
+        for hook in self._hooks:
             hook.remove()
-    return acc
+
+
+def corrected_weight(w: torch.Tensor, acc: HessianAccumulator, alpha: float, percdamp: float) -> torch.Tensor:
+    """W + α · W D H⁻¹: the least-squares weight for the target W X_fp on the quantized-stream inputs
+    X (D = 2E[(x_fp − x) xᵀ], H = 2E[x xᵀ] dampened). α = 1 is the full correction."""
+    if alpha == 0 or acc.correction is None:
+        return w
+    h, _ = dampen(acc.hessian, percdamp)
+    return w + alpha * torch.linalg.solve(h, (w @ acc.correction).T).T
+
+
+@torch.no_grad()
+def collect_input_hessians(ctx: BlockContext, roles: tuple[str, ...]) -> dict[str, HessianAccumulator]:
+    """Run the block over its calibration batches; 2E[x xᵀ] of each role's input."""
+    inputs = LinearInputs(ctx, roles)
+    try:
+        for batch in range(len(ctx.hidden)):
+            inputs.run(batch)
+    finally:
+        inputs.close()
+    return inputs.acc
 
 
 class GPTQ:
     """GPTQ on every linear, each with the Hessian of its own input."""
 
+    needs_fp_stream = False
+
     def __init__(self, config: QuantConfig):
         self.config = config
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        hessians = collect_input_hessians(ctx, list(ctx.linears))
+        hessians = collect_input_hessians(ctx, tuple(ctx.linears))
+        weights, options = self.config.weights, self.config.gptq
         return {
-            role: gptq_quantize(
-                layer.weight.data, hessians[role].hessian, self.config.weights, self.config.gptq
-            )
+            role: gptq_quantize(layer.weight.data, hessians[role].hessian, weights, options)
             for role, layer in ctx.linears.items()
         }
 
@@ -69,32 +119,23 @@ OTHER_ROLES = ("o", "gate", "up", "down")  # the linears BoA leaves to GPTQ
 
 @torch.no_grad()
 def collect_attention_statistics(
-    ctx: BlockContext, other_roles: tuple[str, ...], relaxed_v: bool
+    ctx: BlockContext, relaxed_v: bool
 ) -> tuple[AttentionStatistics, dict[str, HessianAccumulator]]:
-    """Run the block over its calibration batches; return BoA's attention statistics and the input
-    Hessians of ``other_roles``."""
+    """Run the block over its calibration batches; BoA's attention statistics and the input Hessians
+    of q (shared by q/k/v) and of OTHER_ROLES."""
     shape = ctx.adapter.attention_shape(ctx.model_config)
-    linears = ctx.linears
-    stats = AttentionStatistics(
-        linears["q"].in_features, shape.num_heads, shape.num_kv_heads, shape.head_dim, relaxed_v
-    )
-    acc = {role: HessianAccumulator(linears[role].in_features) for role in other_roles}
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [linears["q"].register_forward_hook(lambda _m, args, _out: seen.update(x=args[0].detach()))]
-    hooks += [
-        linears[role].register_forward_hook(lambda _m, args, _out, a=acc[role]: a.add(args[0].detach()))
-        for role in other_roles
-    ]
+    d_in = ctx.linears["q"].in_features
+    stats = AttentionStatistics(d_in, shape.num_heads, shape.num_kv_heads, shape.head_dim, relaxed_v)
+    inputs = LinearInputs(ctx, ("q", *OTHER_ROLES))
     try:
         for batch, kwargs in enumerate(ctx.kwargs):
-            ctx.run(batch)
-            x = seen["x"]
+            inputs.run(batch)
+            x = inputs.last["q"]
             q, k, probs, cos, sin = attention_inputs(ctx, x, kwargs, with_probs=not relaxed_v)
             stats.add(x, q, k, probs, cos, sin)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return stats, acc
+        inputs.close()
+    return stats, inputs.acc
 
 
 class BoA:
@@ -102,28 +143,34 @@ class BoA:
 
     def __init__(self, config: QuantConfig):
         self.config = config
+        self.needs_fp_stream = config.boa.alpha > 0
 
     @torch.no_grad()
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        options = self.config.boa
+        options, weights, gptq = self.config.boa, self.config.weights, self.config.gptq
         shape = ctx.adapter.attention_shape(ctx.model_config)
         linears = ctx.linears
-        stats, acc = collect_attention_statistics(ctx, OTHER_ROLES, options.relaxed_v)
-        weights, gptq = self.config.weights, self.config.gptq
-        h_x = stats.x.hessian
+        stats, acc = collect_attention_statistics(ctx, options.relaxed_v)
+
+        def target(role: str, acc_role: str) -> torch.Tensor:
+            return corrected_weight(linears[role].weight.data, acc[acc_role], options.alpha, gptq.percdamp)
+
+        h_x = acc["q"].hessian
         h_row_q, h_row_k = stats.row_hessians()
         out = {
-            "q": kronecker_quantize(linears["q"].weight.data, h_row_q, h_x, weights, options, gptq),
-            "k": kronecker_quantize(linears["k"].weight.data, h_row_k, h_x, weights, options, gptq),
+            "q": kronecker_quantize(target("q", "q"), h_row_q, h_x, weights, options, gptq),
+            "k": kronecker_quantize(target("k", "q"), h_row_k, h_x, weights, options, gptq),
         }
         v_col = stats.v_col_hessians()
         if v_col is None:
-            out["v"] = gptq_quantize(linears["v"].weight.data, h_x, weights, gptq)
+            out["v"] = gptq_quantize(target("v", "q"), h_x, weights, gptq)
         else:
             eye = torch.eye(shape.head_dim).expand(shape.num_kv_heads, -1, -1)
-            out["v"] = kronecker_quantize(linears["v"].weight.data, eye, v_col, weights, options, gptq)
+            # identity row Hessians: rows are independent, so one row block per head suffices
+            whole_heads = dataclasses.replace(options, row_block=shape.head_dim)
+            out["v"] = kronecker_quantize(target("v", "q"), eye, v_col, weights, whole_heads, gptq)
         for role in OTHER_ROLES:
-            out[role] = gptq_quantize(linears[role].weight.data, acc[role].hessian, weights, gptq)
+            out[role] = gptq_quantize(target(role, role), acc[role].hessian, weights, gptq)
         return out
 
 

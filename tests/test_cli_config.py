@@ -1,0 +1,33 @@
+"""The CLI's flags land in the ExportConfig serialized into every artifact."""
+
+from __future__ import annotations
+
+from edgeq.cli import build_parser, export_config_from_args
+from edgeq.config import SCHEMES, ExportConfig
+
+
+def _config(*flags: str) -> ExportConfig:
+    return export_config_from_args(build_parser().parse_args(["export", *flags]))
+
+
+def test_defaults_are_the_scheme_preset():
+    config = _config()
+    assert config.quant == SCHEMES["w4a16"]
+    assert config.quant.method == "boa"
+    assert config.model == "smollm2-135m"
+
+
+def test_flags_override_only_what_they_name():
+    config = _config(
+        "--scheme", "w3a16", "--method", "gptq", "--group-size", "64", "--symmetric", "--no-act-order",
+        "--percdamp", "0.05", "--clip-grid", "1", "--row-block", "4", "--relaxed-v", "--alpha", "0.25",
+        "--calib-samples", "8", "--eval-windows", "all",
+    )  # fmt: skip
+    quant = config.quant
+    assert (quant.scheme, quant.method) == ("w3a16", "gptq")
+    assert (quant.weights.bits, quant.weights.group_size, quant.weights.symmetric) == (3, 64, True)
+    assert (quant.gptq.act_order, quant.gptq.percdamp, quant.gptq.clip_grid) == (False, 0.05, 1)
+    assert quant.gptq.block_size == SCHEMES["w3a16"].gptq.block_size
+    assert (quant.boa.row_block, quant.boa.relaxed_v, quant.boa.alpha) == (4, True, 0.25)
+    assert config.calibration.num_sequences == 8 and config.evaluation.max_windows is None
+    assert ExportConfig.from_dict(config.to_dict()) == config
