@@ -22,15 +22,8 @@ import psutil
 import torch
 
 import edgeq
-from edgeq.config import PER_CHANNEL, QuantConfig, WeightQuantConfig
-from edgeq.data import (
-    C4_SAMPLE,
-    default_file,
-    eval_windows,
-    read_documents,
-    sample_calibration,
-    wikitext2_test_string,
-)
+from edgeq.config import PER_CHANNEL, CalibrationConfig, EvalConfig, QuantConfig, WeightQuantConfig
+from edgeq.data import prepare_text_data
 from edgeq.evaluation import perplexity, torch_logits_fn
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_model, load_tokenizer, resolve_model
@@ -114,11 +107,13 @@ def main(argv: list[str] | None = None) -> None:
 
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    calib = sample_calibration(
-        tokenizer, read_documents(default_file(C4_SAMPLE)), args.calib_samples, args.calib_seq_len, args.seed
-    )
     max_windows = None if args.eval_windows == "all" else int(args.eval_windows)
-    windows = eval_windows(tokenizer, wikitext2_test_string(), args.eval_seq_len, max_windows)
+    data = prepare_text_data(
+        tokenizer,
+        CalibrationConfig(None, args.calib_samples, args.calib_seq_len, args.seed),
+        EvalConfig(None, args.eval_seq_len, max_windows),
+    )
+    calib, windows = data.calibration, data.evaluation
     fp_model = load_model(source)
     fp_ppl = perplexity(torch_logits_fn(fp_model), windows, "FP")
     del fp_model

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from edgeq.config import CalibrationConfig, EvalConfig
 from edgeq.errors import EdgeqError
 
 C4_SAMPLE = "c4-sample/c4_validation_docs0-999.parquet"
@@ -117,3 +119,25 @@ def sample_calibration(
         start = rng.randint(0, len(ids) - seq_len)
         windows.append(ids[start : start + seq_len])
     return torch.tensor(windows, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TextData:
+    """The token windows one run calibrates and evaluates on, and where they came from."""
+
+    calibration: torch.Tensor  # [N, L] calibration token windows
+    evaluation: torch.Tensor  # [n, L'] evaluation windows
+    calibration_file: Path
+    num_documents: int
+
+
+def prepare_text_data(tokenizer, calibration: CalibrationConfig, evaluation: EvalConfig) -> TextData:
+    """Calibration windows (the config's file, or the C4 sample) and the WikiText-2 evaluation windows."""
+    calib_path = Path(calibration.source) if calibration.source else default_file(C4_SAMPLE)
+    documents = read_documents(calib_path)
+    calib_ids = sample_calibration(
+        tokenizer, documents, calibration.num_sequences, calibration.seq_len, calibration.seed
+    )
+    text = wikitext2_test_string(evaluation.text)
+    windows = eval_windows(tokenizer, text, evaluation.seq_len, evaluation.max_windows)
+    return TextData(calib_ids, windows, calib_path, len(documents))

@@ -15,21 +15,14 @@ from typing import Any
 import edgeq
 from edgeq.artifact import atomic_folder, check_destination
 from edgeq.config import ExportConfig
-from edgeq.data import (
-    C4_SAMPLE,
-    default_file,
-    eval_windows,
-    read_documents,
-    sample_calibration,
-    wikitext2_test_string,
-)
+from edgeq.data import eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
 from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
-from edgeq.pipeline import QuantizationResult, quantize_model
+from edgeq.pipeline import quantize_model
 from edgeq.quant import method_class
-from exporters.onnx_qdq import OnnxExportInfo, export_qdq
+from exporters.onnx_qdq import export_qdq
 
 log = logging.getLogger("edgeq")
 
@@ -70,40 +63,51 @@ def run_export(
     timings: dict[str, float] = {}
     source = resolve_model(config.model)
     load_config(source)
-    calib_path = Path(config.calibration.source) if config.calibration.source else default_file(C4_SAMPLE)
 
     # Tokenize before loading the weights: short or empty text fails in seconds, not minutes.
     with _timed(timings, "data_s"):
         tokenizer = load_tokenizer(source)
-        documents = read_documents(calib_path)
-        calib_ids = sample_calibration(
-            tokenizer,
-            documents,
-            config.calibration.num_sequences,
-            config.calibration.seq_len,
-            config.calibration.seed,
-        )
-        eval_text = wikitext2_test_string(config.evaluation.text)
-        windows = eval_windows(tokenizer, eval_text, config.evaluation.seq_len, config.evaluation.max_windows)
+        data = prepare_text_data(tokenizer, config.calibration, config.evaluation)
+    windows = data.evaluation
     log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
 
     log.info("loading %s", config.model)
     with _timed(timings, "load_s"):
         model = load_model(source)
     adapter = adapter_for(model)
+    report: dict[str, Any] = {
+        "edgeq_version": edgeq.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "spec": config.model,
+            "model_type": model.config.model_type,
+            "adapter": adapter.name,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "config": config.to_dict(),
+        "calibration": {
+            "file": str(data.calibration_file),
+            "documents": data.num_documents,
+            "shape": list(data.calibration.shape),
+        },
+        "evaluation": {
+            "text": "WikiText-2 raw test, the papers' string, no BOS",
+            "windows": windows.shape[0],
+            "seq_len": windows.shape[1],
+        },
+        "timings_s": timings,
+    }
     fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    perplexities: dict[str, Any] = {}
+    ppl: dict[str, Any] = {}
     with _timed(timings, "eval_fp_torch_s"):
-        perplexities["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
-    log.info("FP perplexity (PyTorch): %.3f", perplexities["fp_torch"])
+        ppl["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
+    log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
 
-    result = quantize_model(model, adapter, config.quant, calib_ids, progress=progress)
+    result = quantize_model(model, adapter, config.quant, data.calibration, progress=progress)
     timings["quantize_s"] = round(result.seconds, 3)
     with _timed(timings, "eval_quant_torch_s"):
-        perplexities["quant_torch"] = perplexity(
-            torch_logits_fn(model), windows, "quantized perplexity", progress
-        )
-    log.info("quantized perplexity (PyTorch fake-quant): %.3f", perplexities["quant_torch"])
+        ppl["quant_torch"] = perplexity(torch_logits_fn(model), windows, "quantized perplexity", progress)
+    log.info("quantized perplexity (PyTorch fake-quant): %.3f", ppl["quant_torch"])
 
     with atomic_folder(out, overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -113,81 +117,41 @@ def run_export(
         with _timed(timings, "eval_onnx_cpu_s"):
             ort_model = OrtCausalLM(tmp, provider=ONNX_PROVIDER, accuracy_level=0)
             ppl_onnx = perplexity(ort_model.logits, windows, "ONNX perplexity", progress)
-        perplexities["quant_onnx"] = {ONNX_PROVIDER: {"accuracy_level_0": ppl_onnx}}
+        ppl["quant_onnx"] = {ONNX_PROVIDER: {"accuracy_level_0": ppl_onnx}}
         log.info("quantized perplexity (ONNX Runtime CPU): %.3f", ppl_onnx)
-        report = build_report(
-            config, model, adapter.name, calib_path, len(documents), calib_ids.shape, windows.shape,
-            perplexities, fp_bytes, info, timings, result,
-        )  # fmt: skip
+        rel = abs(ppl_onnx - ppl["quant_torch"]) / ppl["quant_torch"]
+        report |= {
+            "perplexity": ppl,
+            "onnx_parity": {
+                "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs PyTorch fake-quant perplexity",
+                "relative_difference": rel,
+                "tolerance": ONNX_PARITY_TOLERANCE,
+                "passed": rel <= ONNX_PARITY_TOLERANCE,
+            },
+            "sizes_bytes": {
+                "fp32_parameters": fp_bytes,
+                "onnx_model": info.bytes_total,
+                "onnx_external_data": info.external_data,
+            },
+            "onnx": {
+                "file": info.path.name,
+                "opset": config.onnx_opset,
+                "quantized_weights": info.replaced_weights,
+            },
+            "quantization": {
+                "layers": [dataclasses.asdict(s) for s in result.layers],
+                "block_output_rel_error": result.block_output_rel_error,
+            },
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    parity = report["onnx_parity"]
-    if not parity["passed"]:
+    if rel > ONNX_PARITY_TOLERANCE:
         log.warning(
             "ONNX perplexity differs from PyTorch by %.2f%% (tolerance %.1f%%)",
-            parity["relative_difference"] * 100,
+            rel * 100,
             ONNX_PARITY_TOLERANCE * 100,
         )
     return report
-
-
-def build_report(
-    config: ExportConfig,
-    model,
-    adapter_name: str,
-    calib_path: Path,
-    num_documents: int,
-    calib_shape: tuple[int, ...],
-    windows_shape: tuple[int, ...],
-    perplexities: dict[str, Any],
-    fp_bytes: int,
-    info: OnnxExportInfo,
-    timings: dict[str, float],
-    result: QuantizationResult,
-) -> dict[str, Any]:
-    """The content of ``report.json``: what was done, with which data, and what it measured."""
-    ppl_torch = perplexities["quant_torch"]
-    ppl_onnx = perplexities["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
-    rel = abs(ppl_onnx - ppl_torch) / ppl_torch
-    return {
-        "edgeq_version": edgeq.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "spec": config.model,
-            "model_type": model.config.model_type,
-            "adapter": adapter_name,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "config": config.to_dict(),
-        "calibration": {"file": str(calib_path), "documents": num_documents, "shape": list(calib_shape)},
-        "evaluation": {
-            "text": "WikiText-2 raw test, the papers' string, no BOS",
-            "windows": windows_shape[0],
-            "seq_len": windows_shape[1],
-        },
-        "perplexity": perplexities,
-        "onnx_parity": {
-            "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs PyTorch fake-quant perplexity",
-            "relative_difference": rel,
-            "tolerance": ONNX_PARITY_TOLERANCE,
-            "passed": rel <= ONNX_PARITY_TOLERANCE,
-        },
-        "sizes_bytes": {
-            "fp32_parameters": fp_bytes,
-            "onnx_model": info.bytes_total,
-            "onnx_external_data": info.external_data,
-        },
-        "onnx": {
-            "file": info.path.name,
-            "opset": config.onnx_opset,
-            "quantized_weights": info.replaced_weights,
-        },
-        "timings_s": timings,
-        "quantization": {
-            "layers": [dataclasses.asdict(s) for s in result.layers],
-            "block_output_rel_error": result.block_output_rel_error,
-        },
-    }
 
 
 def evaluate(

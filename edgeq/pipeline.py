@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from edgeq.config import QuantConfig
 from edgeq.models.adapters import Adapter
 from edgeq.quant import QuantizedWeight, method_class
-from edgeq.quant.block import BlockContext
+from edgeq.quant.block import BlockContext, block_forward
 
 
 @dataclass
@@ -90,14 +90,6 @@ def capture_block_inputs(
     return BlockInputs(hidden=hidden, kwargs=per_batch)
 
 
-def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    outputs = []
-    for h, kw in zip(hidden, kwargs, strict=True):
-        out = block(h, **kw)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
-
-
 def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
     num = sum(float((a - e).pow(2).sum()) for a, e in zip(approx, exact, strict=True))
     den = sum(float(e.pow(2).sum()) for e in exact)
@@ -147,7 +139,7 @@ def quantize_model(
             )
             layer.weight.data.copy_(dequant)
             result.weights[name] = qweights[role]
-        hidden = _run_block(block, hidden, ctx.kwargs)
+        hidden = [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
         if fp_hidden is not None:
             fp_hidden = ctx.fp_outputs
         result.block_output_rel_error.append(_rel_error(hidden, fp_out))

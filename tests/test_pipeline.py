@@ -9,7 +9,8 @@ from conftest import tiny_model
 from edgeq.config import QuantConfig, WeightQuantConfig
 from edgeq.errors import EdgeqError
 from edgeq.models.adapters import adapter_for
-from edgeq.pipeline import _run_block, capture_block_inputs, quantize_model
+from edgeq.pipeline import capture_block_inputs, quantize_model
+from edgeq.quant.block import block_forward
 from edgeq.quant.grid import rtn_quantize
 
 
@@ -26,7 +27,8 @@ def test_captured_inputs_replay_the_full_model(model_type):
         reference = model(ids, output_hidden_states=True, use_cache=False).hidden_states
         for index, block in enumerate(adapter.blocks(model)):
             torch.testing.assert_close(torch.cat(hidden), reference[index])
-            hidden = _run_block(block, hidden, [batch[index] for batch in inputs.kwargs])
+            kwargs = [batch[index] for batch in inputs.kwargs]
+            hidden = [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
 def test_rtn_pipeline_sets_weights_to_their_integer_values(model_type):

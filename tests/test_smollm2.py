@@ -15,8 +15,12 @@ import pytest
 import torch
 
 from edgeq.cli import main
-from edgeq.config import ExportConfig
-from edgeq.models.loading import _builtin_gguf_path, load_config, resolve_model
+from edgeq.config import CalibrationConfig, EvalConfig, ExportConfig, QuantConfig, WeightQuantConfig
+from edgeq.data import prepare_text_data
+from edgeq.evaluation import perplexity, torch_logits_fn
+from edgeq.models.adapters import adapter_for
+from edgeq.models.loading import _builtin_gguf_path, load_config, load_model, load_tokenizer, resolve_model
+from edgeq.pipeline import quantize_model
 
 pytestmark = pytest.mark.slow
 
@@ -121,29 +125,15 @@ def test_a_gguf_file_path_resolves_to_a_llama():
 def test_gptq_and_boa_beat_rtn_at_w3_per_channel():
     """The calibrated methods on the real model (few samples: the orderings between GPTQ and BoA
     need the benchmark's calibration set; see benchmarks/weight_only.py)."""
-    from edgeq.config import QuantConfig, WeightQuantConfig
-    from edgeq.data import (
-        C4_SAMPLE,
-        default_file,
-        eval_windows,
-        read_documents,
-        sample_calibration,
-        wikitext2_test_string,
-    )
-    from edgeq.evaluation import perplexity, torch_logits_fn
-    from edgeq.models.adapters import adapter_for
-    from edgeq.models.loading import load_model, load_tokenizer
-    from edgeq.pipeline import quantize_model
-
     source = resolve_model("smollm2-135m")
-    tokenizer = load_tokenizer(source)
-    calib = sample_calibration(tokenizer, read_documents(default_file(C4_SAMPLE)), 4, 256, seed=0)
-    windows = eval_windows(tokenizer, wikitext2_test_string(), 512, 4)
+    data = prepare_text_data(
+        load_tokenizer(source), CalibrationConfig(None, 4, 256), EvalConfig(None, 512, 4)
+    )
     ppl = {}
     for method in ("rtn", "gptq", "boa"):
         model = load_model(source)
         config = QuantConfig(method=method, weights=WeightQuantConfig(bits=3, group_size=-1))
-        quantize_model(model, adapter_for(model), config, calib, progress=False)
-        ppl[method] = perplexity(torch_logits_fn(model), windows, progress=False)
+        quantize_model(model, adapter_for(model), config, data.calibration, progress=False)
+        ppl[method] = perplexity(torch_logits_fn(model), data.evaluation, progress=False)
     assert ppl["gptq"] < 0.8 * ppl["rtn"]
     assert ppl["boa"] < 0.8 * ppl["rtn"]

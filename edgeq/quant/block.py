@@ -12,6 +12,12 @@ from edgeq.models.adapters import Adapter
 from edgeq.quant.boa import apply_rope
 
 
+def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder block on hidden [b, L, d] → [b, L, d] (blocks of some architectures return tuples)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @dataclass
 class BlockContext:
     """A block and its calibration inputs: per batch, hidden states [b, L, d] and the keyword
@@ -37,15 +43,13 @@ class BlockContext:
         return self.adapter.linears(self.block)
 
     def run(self, batch: int) -> torch.Tensor:
-        out = self.block(self.hidden[batch], **self.kwargs[batch])
-        out = out[0] if isinstance(out, tuple) else out
+        out = block_forward(self.block, self.hidden[batch], self.kwargs[batch])
         if len(self.outputs) == batch:
             self.outputs.append(out)
         return out
 
     def run_fp(self, batch: int) -> torch.Tensor:
-        out = self.block(self.fp_hidden[batch], **self.kwargs[batch])
-        out = out[0] if isinstance(out, tuple) else out
+        out = block_forward(self.block, self.fp_hidden[batch], self.kwargs[batch])
         self.fp_outputs.append(out)
         return out
 

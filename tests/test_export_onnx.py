@@ -1,0 +1,61 @@
+"""ONNX export of tiny quantized models: the int4 QDQ graph computes what the PyTorch model does."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from conftest import tiny_model
+
+import exporters.onnx_qdq as onnx_qdq
+from edgeq.config import QuantConfig, WeightQuantConfig
+from edgeq.evaluation import OrtCausalLM
+from edgeq.models.adapters import adapter_for
+from edgeq.pipeline import quantize_model
+
+
+def _quantized(model_type: str, weights: WeightQuantConfig):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(
+        model, adapter_for(model), QuantConfig(method="rtn", weights=weights), ids, progress=False
+    )
+    return model, result
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [WeightQuantConfig(4, 16), WeightQuantConfig(4, 32, symmetric=True), WeightQuantConfig(4, -1)],
+    ids=["asym-g16-ragged", "sym-g32-ragged", "asym-per-channel"],
+)
+def test_onnx_logits_match_pytorch(model_type, weights, tmp_path):
+    model, result = _quantized(model_type, weights)
+    info = onnx_qdq.export_qdq(model, result.weights, tmp_path)
+    assert info.replaced_weights == len(result.weights)
+    graph = onnx.load(str(info.path)).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(result.weights)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    got = OrtCausalLM(tmp_path, accuracy_level=0).logits(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_large_models_go_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_qdq, "EXTERNAL_DATA_THRESHOLD", 0)
+    model, result = _quantized("llama", WeightQuantConfig(4, 16))
+    info = onnx_qdq.export_qdq(model, result.weights, tmp_path)
+    assert info.external_data
+    assert (tmp_path / onnx_qdq.EXTERNAL_DATA_FILE).stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    torch.testing.assert_close(OrtCausalLM(tmp_path).logits(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_missing_from_the_graph_is_an_error(tmp_path):
+    model, result = _quantized("llama", WeightQuantConfig(4, 16))
+    name = next(iter(result.weights))
+    result.weights[name].scale.mul_(2)  # no initializer holds these values any more
+    with pytest.raises(onnx_qdq.EdgeqError, match="not found in the exported graph"):
+        onnx_qdq.export_qdq(model, result.weights, tmp_path)
