@@ -14,6 +14,7 @@ import dataclasses
 import json
 import platform
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -76,6 +77,17 @@ def markdown(results: dict) -> str:
             f"{row['perplexity'] - results['fp_perplexity']:+.2f} | {row['seconds']:.0f} | "
             f"{row['peak_rss_bytes'] / 2**30:.2f} |"
         )
+    by_key = {(r["setting"], r["method"]): r for r in results["rows"]}
+    lines.append("")
+    for setting in dict.fromkeys(r["setting"] for r in results["rows"]):
+        boa, gptq = by_key.get((setting, "boa")), by_key.get((setting, "gptq"))
+        if boa and gptq:
+            fp = results["fp_perplexity"]
+            gap = (boa["perplexity"] - fp) / (gptq["perplexity"] - fp)
+            lines.append(
+                f"- {setting}: BoA's gap to FP is {gap:.2f} × GPTQ's; "
+                f"BoA's quantization time {boa['seconds'] / gptq['seconds']:.2f} × GPTQ's."
+            )
     lines.append("")
     lines.append(f"Produced by `{results['command']}` on {results['date']}.")
     return "\n".join(lines) + "\n"
@@ -103,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        write_tables(json.loads((args.out / "weight_only.json").read_text()), args.out, not args.no_readme)
+        return
 
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_windows": windows.shape[0],
         "settings": vars(args) | {"out": str(args.out)},
         "rows": rows,
-        "command": "python benchmarks/weight_only.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/weight_only.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
             "platform": platform.platform(),
@@ -156,9 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "weight_only.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_tables(results, args.out, not args.no_readme)
+
+
+def write_tables(results: dict, out: Path, readme: bool) -> None:
     table = markdown(results)
-    (args.out / "weight_only.md").write_text(table)
-    if not args.no_readme:
+    (out / "weight_only.md").write_text(table)
+    if readme:
         update_readme(table)
     print(table)
 
