@@ -70,30 +70,47 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EdgeqError(f"calibration file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise EdgeqError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-        docs = [t for t in table.column("text").to_pylist() if t]
-    elif path.suffix in (".jsonl", ".json"):
-        docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise EdgeqError(f"{path}:{n} is not a JSON object") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise EdgeqError(f"{path}:{n} has no string field 'text'")
-            docs.append(record["text"])
-    else:
-        docs = [path.read_text(encoding="utf-8")]
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            docs = _parquet_texts(path)
+        elif suffix in (".jsonl", ".json"):
+            docs = _jsonl_texts(path)
+        else:
+            docs = [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise EdgeqError(f"calibration file {path} is not UTF-8 text") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise EdgeqError(f"calibration file {path} holds no text")
+    return docs
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as err:
+        raise EdgeqError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+    if "text" not in table.column_names:
+        raise EdgeqError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    return [t for t in table.column("text").to_pylist() if t]
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise EdgeqError(f"{path}:{n} is not a JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise EdgeqError(f"{path}:{n} has no string field 'text'")
+        docs.append(record["text"])
     return docs
 
 

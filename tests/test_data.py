@@ -252,3 +252,19 @@ def test_sample_calibration_stream_exactly_one_window(tok):
 def test_sample_calibration_too_short(tok):
     with pytest.raises(EdgeqError, match="too short"):
         sample_calibration(tok, ["abc", "de"], num_sequences=2, seq_len=16, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("latin1.txt", "caf\xe9 au lait".encode("latin-1"), "not UTF-8"),
+        ("broken.parquet", b"this is not parquet", "not a readable parquet"),
+        ("UPPER.JSONL", b'{"nope": 1}\n', "no string field 'text'"),
+    ],
+)
+def test_unreadable_calibration_files_are_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(EdgeqError, match=message) as err:
+        read_documents(path)
+    assert "\n" not in str(err.value)
