@@ -121,7 +121,7 @@ def sample_calibration(
     (GPTQ's C4 recipe); documents that are all short are joined into one stream first."""
     rng = random.Random(seed)
     tokenized = [tokenizer(d, add_special_tokens=False).input_ids for d in documents]
-    candidates = [ids for ids in tokenized if len(ids) > seq_len]
+    candidates = [ids for ids in tokenized if len(ids) >= seq_len]
     if not candidates:
         stream = [t for ids in tokenized for t in ids]
         if len(stream) < seq_len:

@@ -268,3 +268,10 @@ def test_unreadable_calibration_files_are_one_line_errors(tmp_path, name, conten
     with pytest.raises(EdgeqError, match=message) as err:
         read_documents(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_document_exactly_one_window_long_is_sampled_whole():
+    tokenizer = byte_tokenizer()
+    ids = sample_calibration(tokenizer, ["abcdefgh", "xy"], num_sequences=3, seq_len=8, seed=0)
+    expected = tokenizer("abcdefgh", add_special_tokens=False).input_ids
+    assert all(row.tolist() == expected for row in ids)
