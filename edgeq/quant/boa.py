@@ -25,12 +25,10 @@ o_proj and the MLP linears use plain GPTQ.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from edgeq.config import BoAOptions, GPTQOptions, WeightQuantConfig
-from edgeq.quant.gptq import dampen, gptq_sweep, inverse_cholesky_upper
+from edgeq.quant.gptq import column_factor, dampen, gptq_sweep, inverse_cholesky_upper
 from edgeq.quant.grid import QuantizedWeight
 
 # ---------------------------------------------------------------------------------------------
@@ -127,22 +125,6 @@ def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
         first.group_size,
         first.symmetric,
     )
-
-
-class ColumnFactor(NamedTuple):
-    """What a GPTQ sweep needs of one column Hessian."""
-
-    u: torch.Tensor  # upper Cholesky of H⁻¹, in sweep order
-    perm: torch.Tensor | None  # act-order permutation
-    h_diag: torch.Tensor  # diag H (dampened), original order
-    dead: torch.Tensor  # columns whose input is always 0
-
-
-def column_factor(h_col: torch.Tensor, options: GPTQOptions) -> ColumnFactor:
-    h, dead = dampen(h_col, options.percdamp)
-    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
-    hp = h[perm][:, perm] if perm is not None else h
-    return ColumnFactor(inverse_cholesky_upper(hp), perm, torch.diag(h), dead)
 
 
 def _rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:

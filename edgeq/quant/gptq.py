@@ -8,6 +8,8 @@ Columns are processed in blocks of ``block_size`` with lazy batched updates of t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from edgeq.config import GPTQOptions, WeightQuantConfig
@@ -109,17 +111,30 @@ def gptq_sweep(
     return QuantizedWeight(codes, scale, zero, config.bits, group, config.symmetric)
 
 
+class ColumnFactor(NamedTuple):
+    """What a GPTQ sweep needs of one column Hessian."""
+
+    u: torch.Tensor  # upper Cholesky of H⁻¹, in sweep order
+    perm: torch.Tensor | None  # act-order permutation
+    h_diag: torch.Tensor  # diag H (dampened), original order
+    dead: torch.Tensor  # columns whose input is always 0
+
+
+def column_factor(h_col: torch.Tensor, options: GPTQOptions) -> ColumnFactor:
+    h, dead = dampen(h_col, options.percdamp)
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
+    hp = h[perm][:, perm] if perm is not None else h
+    return ColumnFactor(inverse_cholesky_upper(hp), perm, torch.diag(h), dead)
+
+
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, config: WeightQuantConfig, options: GPTQOptions = GPTQOptions()
 ) -> QuantizedWeight:
     """GPTQ of one weight w [r, c] with layer Hessian h [c, c]."""
-    h, dead = dampen(h, options.percdamp)
+    factor = column_factor(h, options)
     w = w.clone().float()
-    w[:, dead] = 0
-    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
-    hp = h[perm][:, perm] if perm is not None else h
-    u = inverse_cholesky_upper(hp)
-    return gptq_sweep(w, u, config, torch.diag(h), options, perm)
+    w[:, factor.dead] = 0
+    return gptq_sweep(w, factor.u, config, factor.h_diag, options, factor.perm)
 
 
 def layer_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
@@ -127,4 +142,4 @@ def layer_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
     return float(torch.einsum("ij,jk,ik->", delta, h, delta))
 
 
-__all__ = ["GPTQOptions", "gptq_quantize", "gptq_sweep", "layer_loss"]
+__all__ = ["ColumnFactor", "GPTQOptions", "column_factor", "gptq_quantize", "gptq_sweep", "layer_loss"]
