@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     algo.add_argument(
         "--alpha", type=float, help="BoA: correction for earlier blocks' error, 0 = off (TurboBoA)"
     )
+    act = export.add_argument_group("activations and rotations (W4A4)")
+    act.add_argument("--act-bits", type=int, help="activation bits: 4, 8, or 16 = off (default: the scheme's)")
+    asym = act.add_mutually_exclusive_group()
+    asym.add_argument(
+        "--act-symmetric", dest="act_symmetric", action="store_true", default=None, help="symmetric per token"
+    )
+    asym.add_argument(
+        "--act-asymmetric", dest="act_symmetric", action="store_false", help="asymmetric per token"
+    )
+    act.add_argument("--act-clip", type=float, help="activation clip ratio in (0, 1] (w4a4: 0.9)")
+    act.add_argument("--down-act-bits", type=int, help="bits of down_proj's input (default: --act-bits)")
+    rot = act.add_mutually_exclusive_group()
+    rot.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="Hadamard rotations")
+    rot.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotations")
+    act.add_argument("--rotation-seed", type=int, help="seed of the randomized Hadamard matrices (0)")
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
     export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")
@@ -135,8 +150,22 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
     weights = _replace(quant.weights, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
     gptq = _replace(quant.gptq, act_order=args.act_order, percdamp=args.percdamp, clip_grid=args.clip_grid)
     boa = _replace(quant.boa, row_block=args.row_block, relaxed_v=args.relaxed_v, alpha=args.alpha)
+    activations = _replace(
+        quant.activations,
+        bits=args.act_bits,
+        symmetric=args.act_symmetric,
+        clip_ratio=args.act_clip,
+        down_proj_bits=args.down_act_bits,
+    )
+    rotation = _replace(quant.rotation, enabled=args.rotate, seed=args.rotation_seed)
     quant = dataclasses.replace(
-        quant, method=args.method or quant.method, weights=weights, gptq=gptq, boa=boa
+        quant,
+        method=args.method or quant.method,
+        weights=weights,
+        activations=activations,
+        rotation=rotation,
+        gptq=gptq,
+        boa=boa,
     )
     return ExportConfig(
         model=args.model,
@@ -175,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             report = run_export(config, out, overwrite=args.overwrite, progress=progress)
             ppl = report["perplexity"]
             print(f"wrote {out}")
+            rotated = f"  rotated {ppl['rotated_torch']:.3f}" if "rotated_torch" in ppl else ""
             print(
-                f"perplexity  FP {ppl['fp_torch']:.3f}  quantized (PyTorch) {ppl['quant_torch']:.3f}  "
+                f"perplexity  FP {ppl['fp_torch']:.3f}{rotated}  quantized (PyTorch) {ppl['quant_torch']:.3f}  "
                 f"ONNX (ORT CPU) {ppl['quant_onnx']['CPUExecutionProvider']['accuracy_level_0']:.3f}"
             )
         elif args.command == "eval":

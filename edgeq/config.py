@@ -76,12 +76,62 @@ class BoAOptions:
 
 
 @dataclass(frozen=True)
+class ActQuantConfig:
+    """Per-token dynamic fake quantization of the input of every block linear (not lm_head).
+
+    bits: 16 = activations stay in float (weight-only schemes).
+    symmetric: scale = clip_ratio · max|x| / (2^(bits-1) − 1) per token; otherwise an asymmetric
+    [clip_ratio · min(x, 0), clip_ratio · max(x, 0)] range with a zero point.
+    down_proj_bits: a different width for down_proj's input, the hardest activation (None = bits).
+    """
+
+    bits: int = 16
+    symmetric: bool = True
+    clip_ratio: float = 0.9
+    down_proj_bits: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def bits_for(self, role: str) -> int:
+        return self.down_proj_bits if role == "down" and self.down_proj_bits is not None else self.bits
+
+    def validate(self) -> None:
+        for bits in (self.bits, self.down_proj_bits):
+            if bits is not None and bits not in (4, 8, 16):
+                raise EdgeqError(f"activation bits must be 4, 8 or 16 (off), got {bits}")
+        if not 0 < self.clip_ratio <= 1:
+            raise EdgeqError(f"activation clip ratio must be in (0, 1], got {self.clip_ratio}")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """QuaRot-style Hadamard rotations (each exact: the FP model's function is unchanged).
+
+    r1: randomized Hadamard of the residual stream, fused into embedding, block linears and lm_head
+    (norm scales folded into the linears first; lm_head untied from the embedding).
+    r2: per-head randomized Hadamard between v_proj and o_proj, fused.
+    r4: Hadamard on down_proj's input, applied online (a factored transform) and fused into down_proj.
+    seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
+    """
+
+    enabled: bool = False
+    r1: bool = True
+    r2: bool = True
+    r4: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and with which algorithm."""
 
     scheme: str = "w4a16"
     method: str = "boa"
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activations: ActQuantConfig = field(default_factory=ActQuantConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     boa: BoAOptions = field(default_factory=BoAOptions)
 
@@ -132,6 +182,8 @@ class ExportConfig:
         quant["weights"] = WeightQuantConfig(**quant.get("weights", {}))
         quant["gptq"] = GPTQOptions(**quant.get("gptq", {}))
         quant["boa"] = BoAOptions(**quant.get("boa", {}))
+        quant["activations"] = ActQuantConfig(**quant.get("activations", {}))
+        quant["rotation"] = RotationConfig(**quant.get("rotation", {}))
         return cls(
             model=data["model"],
             quant=QuantConfig(**quant),
@@ -146,6 +198,14 @@ SCHEMES: dict[str, QuantConfig] = {
     # Weight-only 4-bit, asymmetric group-128: what ORT's MatMulNBits runs natively.
     "w4a16": QuantConfig(scheme="w4a16", weights=WeightQuantConfig(bits=4, group_size=128, symmetric=False)),
     "w3a16": QuantConfig(scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False)),
+    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token symmetric int4
+    # activations (KV cache in float).
+    "w4a4": QuantConfig(
+        scheme="w4a4",
+        weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
+        activations=ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9),
+        rotation=RotationConfig(enabled=True),
+    ),
 }
 
 

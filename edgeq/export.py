@@ -22,6 +22,7 @@ from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from edgeq.pipeline import quantize_model
 from edgeq.quant import method_class
+from edgeq.rotation.rotate import rotate_model
 from exporters.onnx_qdq import export_qdq
 
 log = logging.getLogger("edgeq")
@@ -36,6 +37,7 @@ ONNX_PARITY_TOLERANCE = 0.005
 def validate_inputs(config: ExportConfig) -> None:
     """Every check that needs no model, so bad input fails before minutes of work."""
     config.quant.weights.validate()
+    config.quant.activations.validate()
     method_class(config.quant.method)
     if config.format != "qdq":
         raise EdgeqError(f"unknown format '{config.format}': choose qdq")
@@ -102,6 +104,16 @@ def run_export(
     with _timed(timings, "eval_fp_torch_s"):
         ppl["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
     log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
+
+    rotation = rotate_model(model, adapter, config.quant.rotation)
+    report["rotation"] = dataclasses.asdict(rotation)
+    for name, why in rotation.skipped.items():
+        log.info("rotation %s skipped: %s", name, why)
+    if rotation.applied:
+        log.info("rotations applied: %s", ", ".join(f"{k} ({v})" for k, v in rotation.applied.items()))
+        with _timed(timings, "eval_rotated_torch_s"):
+            ppl["rotated_torch"] = perplexity(torch_logits_fn(model), windows, "rotated perplexity", progress)
+        log.info("rotated perplexity (PyTorch, no quantization): %.3f", ppl["rotated_torch"])
 
     result = quantize_model(model, adapter, config.quant, data.calibration, progress=progress)
     timings["quantize_s"] = round(result.seconds, 3)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgeq.config import QuantConfig
-from edgeq.models.adapters import Adapter
+from edgeq.config import ActQuantConfig, QuantConfig
+from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
 from edgeq.quant.block import BlockContext, block_forward
 
@@ -96,6 +96,13 @@ def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
+def enable_activation_quantization(model: nn.Module, adapter: Adapter, act: ActQuantConfig) -> None:
+    """Per-token fake quantization on the input of every block linear (lm_head stays float)."""
+    for block in adapter.blocks(model):
+        for role in LINEAR_ROLES:
+            adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -106,11 +113,14 @@ def quantize_model(
     progress: bool = True,
 ) -> QuantizationResult:
     """Quantize every decoder-block linear of ``model`` in place (weights become their dequantized
-    integer values) and return the integer weights by module name.
+    integer values) and return the integer weights by module name. The weights are calibrated on
+    float activations (of the model as it is, rotated or not); activation quantization, when the
+    config asks for it, is switched on at the end.
 
     calibration_ids: LongTensor [N, L].
     """
     config.weights.validate()
+    config.activations.validate()
     method = method_class(config.method)(config)
     start = time.perf_counter()
     result = QuantizationResult()
@@ -144,5 +154,7 @@ def quantize_model(
             fp_hidden = ctx.fp_outputs
         result.block_output_rel_error.append(_rel_error(hidden, fp_out))
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
+    if config.activations.enabled:
+        enable_activation_quantization(model, adapter, config.activations)
     result.seconds = time.perf_counter() - start
     return result

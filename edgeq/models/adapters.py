@@ -13,10 +13,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from edgeq.activations import QuantInputLinear
 from edgeq.errors import EdgeqError
 
 # Roles of the linears inside one decoder block, in the order the block uses them.
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# What every supported block does with them: the attention norm feeds q/k/v, the MLP norm feeds
+# gate/up, and o/down write back into the residual stream.
+ATTN_INPUT_ROLES = ("q", "k", "v")
+MLP_INPUT_ROLES = ("gate", "up")
+RESIDUAL_OUTPUT_ROLES = ("o", "down")
 
 _LLAMA_LINEARS = {
     "q": "self_attn.q_proj",
@@ -49,6 +55,8 @@ class Adapter:
     rope: how RoPE is applied to q and k ("rotate_half": pairs (i, i + head_dim/2)).
     rope_kwargs: the block keyword that carries (cos, sin) [b, L, head_dim], by the block's
     ``attention_type`` ("" when the architecture has one kind of attention layer).
+    inexact_rotations: rotations (``r1``, ``r2``, ``r4``) that would change this architecture's
+    function, with the reason; the rotation step skips them and reports why.
     """
 
     name: str
@@ -67,13 +75,29 @@ class Adapter:
     embed_path: str = "model.embed_tokens"
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
+    inexact_rotations: dict[str, str] = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        """The block's quantizable linears by role, in LINEAR_ROLES order."""
-        return {role: block.get_submodule(self.linear_paths[role]) for role in LINEAR_ROLES}
+        """The block's quantizable linears by role, in LINEAR_ROLES order (inside their
+        QuantInputLinear wrapper where the model has one)."""
+        out = {}
+        for role in LINEAR_ROLES:
+            module = block.get_submodule(self.linear_paths[role])
+            out[role] = module.linear if isinstance(module, QuantInputLinear) else module
+        return out
+
+    def input_quantizer(self, block: nn.Module, role: str) -> QuantInputLinear:
+        """The QuantInputLinear around the role's linear, put in place on first use."""
+        parent, _, child = self.linear_paths[role].rpartition(".")
+        owner = block.get_submodule(parent) if parent else block
+        module = getattr(owner, child)
+        if not isinstance(module, QuantInputLinear):
+            module = QuantInputLinear(module)
+            setattr(owner, child, module)
+        return module
 
     def linear_name(self, block_index: int, role: str) -> str:
         """Full module name, e.g. ``model.layers.3.self_attn.q_proj``."""
@@ -132,6 +156,10 @@ GEMMA3 = Adapter(
     branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
     norm_offset=1.0,
+    inexact_rotations={
+        "r1": "the post-attention and post-feedforward norms sit on the residual branch, "
+        "so a residual-stream rotation does not commute with them"
+    },
     rope_kwargs={
         "full_attention": "position_embeddings_global",
         "sliding_attention": "position_embeddings_local",
