@@ -19,7 +19,7 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio
     asymmetric: codes in [0, 2^b − 1], range [clip · min(x, 0), clip · max(x, 0)], integer zero point.
     A row of zeros stays zeros.
     """
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs: grid math in float32
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = xf.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax

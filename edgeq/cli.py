@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, help="BoA: correction for earlier blocks' error, 0 = off (TurboBoA)"
     )
     act = export.add_argument_group("activations and rotations (W4A4)")
-    act.add_argument("--act-bits", type=int, help="activation bits: 4, 8, or 16 = off (default: the scheme's)")
+    act.add_argument("--act-bits", type=int, help="activation bits: 4, 8 or 16 = off (default: the scheme's)")
     asym = act.add_mutually_exclusive_group()
     asym.add_argument(
         "--act-symmetric", dest="act_symmetric", action="store_true", default=None, help="symmetric per token"
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             rotated = f"  rotated {ppl['rotated_torch']:.3f}" if "rotated_torch" in ppl else ""
             print(
-                f"perplexity  FP {ppl['fp_torch']:.3f}{rotated}  quantized (PyTorch) {ppl['quant_torch']:.3f}  "
+                f"perplexity  FP {ppl['fp_torch']:.3f}{rotated}  "
+                f"quantized (PyTorch) {ppl['quant_torch']:.3f}  "
                 f"ONNX (ORT CPU) {ppl['quant_onnx']['CPUExecutionProvider']['accuracy_level_0']:.3f}"
             )
         elif args.command == "eval":

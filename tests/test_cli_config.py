@@ -31,3 +31,19 @@ def test_flags_override_only_what_they_name():
     assert (quant.boa.row_block, quant.boa.relaxed_v, quant.boa.alpha) == (4, True, 0.25)
     assert config.calibration.num_sequences == 8 and config.evaluation.max_windows is None
     assert ExportConfig.from_dict(config.to_dict()) == config
+
+
+def test_w4a4_preset_and_its_overrides():
+    config = _config("--scheme", "w4a4")
+    quant = config.quant
+    assert quant.rotation.enabled and quant.activations.bits == 4 and quant.activations.symmetric
+    assert (quant.weights.bits, quant.weights.group_size, quant.weights.symmetric) == (4, -1, True)
+    config = _config(
+        "--scheme", "w4a4", "--act-asymmetric", "--act-clip", "1.0", "--down-act-bits", "8",
+        "--no-rotate", "--rotation-seed", "3",
+    )  # fmt: skip
+    act, rot = config.quant.activations, config.quant.rotation
+    assert (act.bits, act.symmetric, act.clip_ratio, act.down_proj_bits) == (4, False, 1.0, 8)
+    assert act.bits_for("down") == 8 and act.bits_for("q") == 4
+    assert (rot.enabled, rot.seed) == (False, 3)
+    assert ExportConfig.from_dict(config.to_dict()) == config

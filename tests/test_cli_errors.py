@@ -147,8 +147,11 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--method", "magic"], "unknown method 'magic'"),
         (["--group-size", "100"], "group size 100"),
         (["--bits", "5"], "bits must be"),
+        (["--act-bits", "5"], "activation bits must be"),
+        (["--scheme", "w4a4", "--down-act-bits", "3"], "activation bits must be"),
+        (["--act-bits", "4", "--act-clip", "0"], "clip ratio"),
     ],
-    ids=["scheme", "method", "group-size", "bits"],
+    ids=["scheme", "method", "group-size", "bits", "act-bits", "down-act-bits", "act-clip"],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):
     msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), *args], out)
