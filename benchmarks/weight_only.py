@@ -12,52 +12,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import re
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-import torch
+from common import PeakRSS, add_data_arguments, load_data, machine_and_versions, update_readme
 
-import edgeq
-from edgeq.config import PER_CHANNEL, CalibrationConfig, EvalConfig, QuantConfig, WeightQuantConfig
-from edgeq.data import prepare_text_data
+from edgeq.config import PER_CHANNEL, QuantConfig, WeightQuantConfig
 from edgeq.evaluation import perplexity, torch_logits_fn
 from edgeq.models.adapters import adapter_for
-from edgeq.models.loading import load_model, load_tokenizer, resolve_model
+from edgeq.models.loading import load_model
 from edgeq.pipeline import quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "W4 per-channel": WeightQuantConfig(bits=4, group_size=PER_CHANNEL),
     "W4 g128": WeightQuantConfig(bits=4, group_size=128),
     "W3 per-channel": WeightQuantConfig(bits=3, group_size=PER_CHANNEL),
 }
 METHODS = ("rtn", "gptq", "boa")
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        self.process = psutil.Process()
-        self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
+README_MARKER = "weight-only results"
 
 
 def markdown(results: dict) -> str:
@@ -93,42 +66,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
-    start, end = "<!-- weight-only results: start -->", "<!-- weight-only results: end -->"
-    if start in text and end in text:
-        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-        readme.write_text(pattern.sub(lambda _m: f"{start}\n{table}{end}", text))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", default="40", help="number of windows or 'all'")
+    add_data_arguments(parser)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
-    parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results JSON")
     args = parser.parse_args(argv)
     if args.render:
         write_tables(json.loads((args.out / "weight_only.json").read_text()), args.out, not args.no_readme)
         return
 
-    source = resolve_model(args.model)
-    tokenizer = load_tokenizer(source)
-    max_windows = None if args.eval_windows == "all" else int(args.eval_windows)
-    data = prepare_text_data(
-        tokenizer,
-        CalibrationConfig(None, args.calib_samples, args.calib_seq_len, args.seed),
-        EvalConfig(None, args.eval_seq_len, max_windows),
-    )
+    source, data = load_data(args)
     calib, windows = data.calibration, data.evaluation
     fp_model = load_model(source)
     fp_ppl = perplexity(torch_logits_fn(fp_model), windows, "FP")
@@ -157,18 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": vars(args) | {"out": str(args.out)},
         "rows": rows,
         "command": " ".join(["python benchmarks/weight_only.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": torch.get_num_threads(),
-            "memory_bytes": psutil.virtual_memory().total,
-        },
-        "versions": {
-            "edgeq": edgeq.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        **machine_and_versions(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "weight_only.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -179,7 +118,7 @@ def write_tables(results: dict, out: Path, readme: bool) -> None:
     table = markdown(results)
     (out / "weight_only.md").write_text(table)
     if readme:
-        update_readme(table)
+        update_readme(table, README_MARKER)
     print(table)
 
 

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     act.add_argument("--act-clip", type=float, help="activation clip ratio in (0, 1] (w4a4: 0.9)")
     act.add_argument("--down-act-bits", type=int, help="bits of down_proj's input (default: --act-bits)")
+    act.add_argument(
+        "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
+    )
     rot = act.add_mutually_exclusive_group()
     rot.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="Hadamard rotations")
     rot.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotations")
@@ -156,6 +159,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         symmetric=args.act_symmetric,
         clip_ratio=args.act_clip,
         down_proj_bits=args.down_act_bits,
+        kv_bits=args.kv_bits,
     )
     rotation = _replace(quant.rotation, enabled=args.rotate, seed=args.rotation_seed)
     quant = dataclasses.replace(

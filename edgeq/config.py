@@ -83,12 +83,14 @@ class ActQuantConfig:
     symmetric: scale = clip_ratio · max|x| / (2^(bits-1) − 1) per token; otherwise an asymmetric
     [clip_ratio · min(x, 0), clip_ratio · max(x, 0)] range with a zero point.
     down_proj_bits: a different width for down_proj's input, the hardest activation (None = bits).
+    kv_bits: keys (after RoPE) and values in the KV cache, asymmetric per token and head (16 = float).
     """
 
     bits: int = 16
     symmetric: bool = True
     clip_ratio: float = 0.9
     down_proj_bits: int | None = None
+    kv_bits: int = 16
 
     @property
     def enabled(self) -> bool:
@@ -98,9 +100,9 @@ class ActQuantConfig:
         return self.down_proj_bits if role == "down" and self.down_proj_bits is not None else self.bits
 
     def validate(self) -> None:
-        for bits in (self.bits, self.down_proj_bits):
+        for bits in (self.bits, self.down_proj_bits, self.kv_bits):
             if bits is not None and bits not in (4, 8, 16):
-                raise EdgeqError(f"activation bits must be 4, 8 or 16 (off), got {bits}")
+                raise EdgeqError(f"activation and KV cache bits must be 4, 8 or 16 (off), got {bits}")
         if not 0 < self.clip_ratio <= 1:
             raise EdgeqError(f"activation clip ratio must be in (0, 1], got {self.clip_ratio}")
 
@@ -113,6 +115,7 @@ class RotationConfig:
     (norm scales folded into the linears first; lm_head untied from the embedding).
     r2: per-head randomized Hadamard between v_proj and o_proj, fused.
     r4: Hadamard on down_proj's input, applied online (a factored transform) and fused into down_proj.
+    r3: Hadamard on queries and keys after RoPE, online; applied only when the KV cache is quantized.
     seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
     """
 
@@ -120,6 +123,7 @@ class RotationConfig:
     r1: bool = True
     r2: bool = True
     r4: bool = True
+    r3: bool = True
     seed: int = 0
 
 

@@ -105,7 +105,8 @@ def run_export(
         ppl["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
     log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
 
-    rotation = rotate_model(model, adapter, config.quant.rotation)
+    kv_quantized = config.quant.activations.kv_bits < 16
+    rotation = rotate_model(model, adapter, config.quant.rotation, kv_quantized)
     report["rotation"] = dataclasses.asdict(rotation)
     for name, why in rotation.skipped.items():
         log.info("rotation %s skipped: %s", name, why)

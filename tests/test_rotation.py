@@ -137,4 +137,4 @@ def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, 
 
 def test_unknown_rotation_names_are_not_silently_accepted():
     with pytest.raises(TypeError):
-        RotationConfig(enabled=True, r3=True)
+        RotationConfig(enabled=True, r5=True)

@@ -6,7 +6,8 @@ With x the residual stream and Q orthogonal, a block computes the same function 
 every RMSNorm's scale has been folded into the linears it feeds (‖xQ‖ = ‖x‖), the linears reading
 the stream take W·Q and those writing it take Qᵀ·W (R1). Inside attention, each value head may be
 rotated and o_proj's matching input columns counter-rotated (R2). down_proj's input may be rotated
-online and the inverse fused into its weight (R4). All weight products run in float64.
+online and the inverse fused into its weight (R4). Queries and keys may be rotated online after
+RoPE (R3), for a quantized KV cache. All weight products run in float64.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from edgeq.config import RotationConfig
+from edgeq.kv_cache import kv_spec
 from edgeq.models.adapters import (
     ATTN_INPUT_ROLES,
     MLP_INPUT_ROLES,
@@ -115,15 +117,29 @@ def add_down_proj_rotation(model: nn.Module, adapter: Adapter) -> str:
     return kind
 
 
-def rotate_model(model: nn.Module, adapter: Adapter, config: RotationConfig) -> RotationReport:
-    """Apply the enabled rotations that are exact for this architecture, in place."""
+def add_query_key_rotation(model: nn.Module, adapter: Adapter) -> str:
+    """R3: queries and keys after RoPE rotated online by a Hadamard of the head width (qkᵀ is
+    unchanged), so that the quantized keys see no outlier channel; returns how it was built."""
+    transform = hadamard_transform(adapter.attention_shape(model.config).head_dim)
+    for block in adapter.blocks(model):
+        kv_spec(model, adapter.attention(block)).rotation = OnlineRotation(transform)
+    return transform.kind
+
+
+def rotate_model(
+    model: nn.Module, adapter: Adapter, config: RotationConfig, kv_quantized: bool = False
+) -> RotationReport:
+    """Apply the enabled rotations that are exact for this architecture, in place (R3 only when the
+    KV cache will be quantized)."""
     report = RotationReport()
     if not config.enabled:
         return report
-    wanted = {"r1": config.r1, "r2": config.r2, "r4": config.r4}
+    wanted = {"r1": config.r1, "r2": config.r2, "r4": config.r4, "r3": config.r3}
     for name, on in wanted.items():
         if not on:
             report.skipped[name] = "turned off in the config"
+        elif name == "r3" and not kv_quantized:
+            report.skipped[name] = "used only when the KV cache is quantized"
         elif name in adapter.inexact_rotations:
             report.skipped[name] = f"not exact for {adapter.name}: {adapter.inexact_rotations[name]}"
     todo = {name for name, on in wanted.items() if on and name not in report.skipped}
@@ -139,4 +155,6 @@ def rotate_model(model: nn.Module, adapter: Adapter, config: RotationConfig) -> 
         report.applied["r2"] = kind
     if "r4" in todo:
         report.applied["r4"] = "online " + add_down_proj_rotation(model, adapter)
+    if "r3" in todo:
+        report.applied["r3"] = "online " + add_query_key_rotation(model, adapter)
     return report

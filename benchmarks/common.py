@@ -1,0 +1,93 @@
+"""What the benchmark scripts share: the model and text setup, peak-memory sampling, machine facts,
+and writing a table into README.md between a pair of markers."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+import edgeq
+from edgeq.config import CalibrationConfig, EvalConfig
+from edgeq.data import TextData, prepare_text_data
+from edgeq.models.loading import ModelSource, load_tokenizer, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and text options every benchmark takes, with the README's settings as defaults."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", default="40", help="number of windows or 'all'")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results JSON")
+
+
+def load_data(args: argparse.Namespace) -> tuple[ModelSource, TextData]:
+    source = resolve_model(args.model)
+    max_windows = None if args.eval_windows == "all" else int(args.eval_windows)
+    data = prepare_text_data(
+        load_tokenizer(source),
+        CalibrationConfig(None, args.calib_samples, args.calib_seq_len, args.seed),
+        EvalConfig(None, args.eval_seq_len, max_windows),
+    )
+    return source, data
+
+
+def machine_and_versions() -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": torch.get_num_threads(),
+            "memory_bytes": psutil.virtual_memory().total,
+        },
+        "versions": {
+            "edgeq": edgeq.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def update_readme(table: str, marker: str, readme: Path = ROOT / "README.md") -> None:
+    """Replace what stands between ``<!-- {marker}: start -->`` and ``<!-- {marker}: end -->``."""
+    text = readme.read_text()
+    start, end = f"<!-- {marker}: start -->", f"<!-- {marker}: end -->"
+    if start in text and end in text:
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        readme.write_text(pattern.sub(lambda _m: f"{start}\n{table}{end}", text))

@@ -1,0 +1,59 @@
+"""Fake-quantized KV cache: keys and values on a per-token, per-head int grid, with R3.
+
+transformers' attention modules call the function registered under ``config._attn_implementation``
+with the post-RoPE queries and the keys and values after the cache update. ``KV_QUANT_ATTENTION``
+is such a function: it applies R3 (a Hadamard over the head width) to queries and keys — qkᵀ is
+unchanged — quantizes keys and values, and hands them to PyTorch's SDPA attention. Quantizing the
+whole cache at every step gives what storing quantized entries would, since every entry is
+quantized on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from edgeq.activations import fake_quant_per_token
+
+KV_QUANT_ATTENTION = "edgeq_kv_quant"
+
+
+@dataclass
+class KVQuant:
+    """What one attention module does to its cache: ``rotation`` (R3, or None) and ``bits``
+    (asymmetric, one scale and zero point per token and head)."""
+
+    rotation: nn.Module | None
+    bits: int
+
+
+def kv_quant_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """query [b, H, L, hd], key / value [b, Hkv, S, hd] → SDPA attention on the rotated queries and
+    keys with keys and values fake-quantized per (token, head)."""
+    spec: KVQuant = module.edgeq_kv
+    if spec.rotation is not None:
+        query, key = spec.rotation(query), spec.rotation(key)
+    if spec.bits < 16:
+        key = fake_quant_per_token(key, spec.bits, symmetric=False, clip_ratio=1.0)
+        value = fake_quant_per_token(value, spec.bits, symmetric=False, clip_ratio=1.0)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def _sdpa_mask(*args, **kwargs):
+    # looked up at call time: the ONNX exporter swaps in a traceable SDPA mask while it runs
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+def kv_spec(model: nn.Module, attention: nn.Module) -> KVQuant:
+    """The attention module's KVQuant, attached (float, no rotation) on first use; the model's
+    attention then runs through KV_QUANT_ATTENTION."""
+    if not hasattr(attention, "edgeq_kv"):
+        attention.edgeq_kv = KVQuant(rotation=None, bits=16)
+    # a registration with transformers (idempotent), so the config can name the function
+    AttentionInterface.register(KV_QUANT_ATTENTION, kv_quant_attention)
+    AttentionMaskInterface.register(KV_QUANT_ATTENTION, _sdpa_mask)
+    model.config._attn_implementation = KV_QUANT_ATTENTION
+    return attention.edgeq_kv
