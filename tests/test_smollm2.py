@@ -137,3 +137,68 @@ def test_gptq_and_boa_beat_rtn_at_w3_per_channel():
         ppl[method] = perplexity(torch_logits_fn(model), data.evaluation, progress=False)
     assert ppl["gptq"] < 0.8 * ppl["rtn"]
     assert ppl["boa"] < 0.8 * ppl["rtn"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4a4_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "w4a4-rtn"
+    status = main([
+        "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a4", "--method", "rtn",
+        "--calib-samples", "4", "--calib-seq-len", "256", "--eval-windows", str(EVAL_WINDOWS),
+        "--out", str(out),
+    ])  # fmt: skip
+    assert status == 0
+    return out
+
+
+def test_rotation_leaves_smollm2_unchanged():
+    from edgeq.config import RotationConfig
+    from edgeq.rotation.rotate import rotate_model
+
+    model = load_model(resolve_model("smollm2-135m"))
+    ids = torch.randint(100, 40000, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = rotate_model(model, adapter_for(model), RotationConfig(enabled=True), kv_quantized=True)
+        after = model(ids).logits
+    assert set(report.applied) == {"r1", "r2", "r3", "r4"}
+    assert report.applied["r1"] == "randomized Hadamard 36 x 16"
+    assert report.applied["r4"] == "online Hadamard 12 x 128"
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-3
+
+
+def test_w4a4_export_reports_rotations_and_matches_in_onnx(smollm2_w4a4_artifact):
+    report = json.loads((smollm2_w4a4_artifact / "report.json").read_text())
+    ppl = report["perplexity"]
+    assert set(report["rotation"]["applied"]) == {"r1", "r2", "r4"}
+    assert "r3" in report["rotation"]["skipped"]  # the KV cache stays float in the w4a4 preset
+    assert abs(ppl["rotated_torch"] - ppl["fp_torch"]) / ppl["fp_torch"] < 1e-3
+    assert ppl["quant_torch"] > ppl["fp_torch"]
+    assert report["onnx_parity"]["passed"]
+    config = ExportConfig.from_dict(json.loads((smollm2_w4a4_artifact / "edgeq_config.json").read_text()))
+    assert config.quant.activations.bits == 4 and config.quant.rotation.enabled
+
+
+def test_rotation_is_what_makes_w4a4_work():
+    """W4A4 RTN without rotations is far worse than with them (the outliers QuaRot removes)."""
+    import dataclasses
+
+    from edgeq.config import scheme_preset
+    from edgeq.rotation.rotate import rotate_model
+
+    source = resolve_model("smollm2-135m")
+    data = prepare_text_data(
+        load_tokenizer(source), CalibrationConfig(None, 2, 128), EvalConfig(None, 512, 3)
+    )
+    ppl = {}
+    for rotate in (False, True):
+        model = load_model(source)
+        adapter = adapter_for(model)
+        config = scheme_preset("w4a4")
+        config = dataclasses.replace(
+            config, method="rtn", rotation=dataclasses.replace(config.rotation, enabled=rotate)
+        )
+        rotate_model(model, adapter, config.rotation)
+        quantize_model(model, adapter, config, data.calibration, progress=False)
+        ppl[rotate] = perplexity(torch_logits_fn(model), data.evaluation, progress=False)
+    assert ppl[False] > 5 * ppl[True]
