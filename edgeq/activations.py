@@ -7,6 +7,7 @@ down_proj's input), then a per-token int grid fitted to each row of x at run tim
 from __future__ import annotations
 
 import torch
+from onnx import TensorProto
 from torch import nn
 
 from edgeq.config import ActQuantConfig
@@ -22,7 +23,7 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs: grid math in float32
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = xf.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax
+        scale = xf.abs().amax(dim=-1, keepdim=True) * (clip_ratio / qmax)  # ONNX graphs: same order
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         out = torch.clamp(torch.round(xf / safe), -qmax - 1, qmax) * scale
     else:
@@ -34,6 +35,49 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio
         zero = torch.round(-lo / safe)
         out = (torch.clamp(torch.round(xf / safe) + zero, 0, qmax) - zero) * scale
     return out.to(x.dtype)
+
+
+class PerTokenFakeQuant(torch.autograd.Function):
+    """fake_quant_per_token, exported to ONNX as a dynamic QuantizeLinear → DequantizeLinear pair:
+    the scale (and zero point) computed from the row at run time, one block over the last axis.
+
+    PyTorch's ONNX exporter knows no 4-bit types, so a 4-bit pair is emitted in an 8-bit container
+    with the 4-bit range made explicit, Q(int8) → Clip(−8, 7) → DQ (Clip(0, 15) when asymmetric),
+    which computes the same; ``exporters.onnx_qdq.narrow_activation_qdq`` rewrites it to int4 Q → DQ.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bits: int, symmetric: bool, clip_ratio: float, width: int):  # noqa: ARG004
+        return fake_quant_per_token(x, bits, symmetric, clip_ratio)
+
+    @staticmethod
+    def symbolic(g, x, bits: int, symmetric: bool, clip_ratio: float, width: int):
+        """``width``: the size of x's last axis (one quantization block), static in the graph."""
+        axes = g.op("Constant", value_t=torch.tensor([-1]))
+        zero = g.op("Constant", value_t=torch.tensor(0.0))
+        one = g.op("Constant", value_t=torch.tensor(1.0))
+        if symmetric:
+            qmin, qmax, container = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.int8
+            amax = g.op("ReduceMax", g.op("Abs", x), axes, keepdims_i=1)
+            scale = g.op("Mul", amax, g.op("Constant", value_t=torch.tensor(clip_ratio / qmax)))
+        else:
+            qmin, qmax, container = 0, 2**bits - 1, torch.uint8
+            clip = g.op("Constant", value_t=torch.tensor(clip_ratio))
+            hi = g.op("Mul", g.op("Max", g.op("ReduceMax", x, axes, keepdims_i=1), zero), clip)
+            lo = g.op("Mul", g.op("Min", g.op("ReduceMin", x, axes, keepdims_i=1), zero), clip)
+            scale = g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(float(qmax))))
+        safe = g.op("Where", g.op("Greater", scale, zero), scale, one)
+        dtype = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8}[container]
+        zp: tuple = ()
+        if not symmetric:
+            zp = (g.op("Cast", g.op("Round", g.op("Div", g.op("Neg", lo), safe)), to_i=dtype),)
+        attrs = {"axis_i": -1, "block_size_i": width}
+        q = g.op("QuantizeLinear", x, safe, *zp, output_dtype_i=dtype, **attrs)
+        if bits < 8:
+            low = g.op("Constant", value_t=torch.tensor(qmin, dtype=container))
+            high = g.op("Constant", value_t=torch.tensor(qmax, dtype=container))
+            q = g.op("Clip", q, low, high)
+        return g.op("DequantizeLinear", q, safe, *zp, **attrs)
 
 
 class QuantInputLinear(nn.Module):
@@ -60,5 +104,6 @@ class QuantInputLinear(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quantize_input:
-            x = fake_quant_per_token(x, self.bits, self.act.symmetric, self.act.clip_ratio)
+            act = self.act
+            x = PerTokenFakeQuant.apply(x, self.bits, act.symmetric, act.clip_ratio, self.linear.in_features)
         return self.linear(x)

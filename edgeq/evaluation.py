@@ -78,13 +78,17 @@ class OrtCausalLM:
             for kv in ("key", "value")
         }
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""
+    def prefill_feeds(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
+        """The graph's inputs for a fresh prefill of input_ids [b, L] (empty cache)."""
         ids = input_ids.numpy().astype(np.int64)
         feeds = {"input_ids": ids, **self.empty_past(ids.shape[0])}
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = np.ones_like(ids)
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-        (logits,) = self.session.run(["logits"], feeds)
+        return feeds
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""
+        (logits,) = self.session.run(["logits"], self.prefill_feeds(input_ids))
         return torch.from_numpy(logits)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from edgeq.activations import fake_quant_per_token
+from edgeq.activations import PerTokenFakeQuant
 
 KV_QUANT_ATTENTION = "edgeq_kv_quant"
 
@@ -24,10 +24,11 @@ KV_QUANT_ATTENTION = "edgeq_kv_quant"
 @dataclass
 class KVQuant:
     """What one attention module does to its cache: ``rotation`` (R3, or None) and ``bits``
-    (asymmetric, one scale and zero point per token and head)."""
+    (asymmetric, one scale and zero point per token and head of ``head_dim`` channels)."""
 
     rotation: nn.Module | None
     bits: int
+    head_dim: int
 
 
 def kv_quant_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -37,8 +38,8 @@ def kv_quant_attention(module: nn.Module, query, key, value, attention_mask, **k
     if spec.rotation is not None:
         query, key = spec.rotation(query), spec.rotation(key)
     if spec.bits < 16:
-        key = fake_quant_per_token(key, spec.bits, symmetric=False, clip_ratio=1.0)
-        value = fake_quant_per_token(value, spec.bits, symmetric=False, clip_ratio=1.0)
+        key = PerTokenFakeQuant.apply(key, spec.bits, False, 1.0, spec.head_dim)
+        value = PerTokenFakeQuant.apply(value, spec.bits, False, 1.0, spec.head_dim)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -47,11 +48,11 @@ def _sdpa_mask(*args, **kwargs):
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
-def kv_spec(model: nn.Module, attention: nn.Module) -> KVQuant:
+def kv_spec(model: nn.Module, attention: nn.Module, head_dim: int) -> KVQuant:
     """The attention module's KVQuant, attached (float, no rotation) on first use; the model's
     attention then runs through KV_QUANT_ATTENTION."""
     if not hasattr(attention, "edgeq_kv"):
-        attention.edgeq_kv = KVQuant(rotation=None, bits=16)
+        attention.edgeq_kv = KVQuant(rotation=None, bits=16, head_dim=head_dim)
     # a registration with transformers (idempotent), so the config can name the function
     AttentionInterface.register(KV_QUANT_ATTENTION, kv_quant_attention)
     AttentionMaskInterface.register(KV_QUANT_ATTENTION, _sdpa_mask)

@@ -100,12 +100,13 @@ def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
 def enable_activation_quantization(model: nn.Module, adapter: Adapter, act: ActQuantConfig) -> None:
     """Per-token fake quantization on the input of every block linear (lm_head stays float), and of
     the KV cache when ``act.kv_bits`` asks for it."""
+    head_dim = adapter.attention_shape(model.config).head_dim
     for block in adapter.blocks(model):
         for role in LINEAR_ROLES:
             adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
         attention = adapter.attention(block)
         if act.kv_bits < 16 or hasattr(attention, "edgeq_kv"):
-            kv_spec(model, attention).bits = act.kv_bits
+            kv_spec(model, attention, head_dim).bits = act.kv_bits
 
 
 @torch.no_grad()

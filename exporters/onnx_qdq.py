@@ -126,6 +126,57 @@ def replace_weights_with_qdq(graph_model: onnx.ModelProto, weights: dict[str, Qu
     return len(new_nodes)
 
 
+# an 8-bit Q → Clip(4-bit range) → DQ, as edgeq.activations.PerTokenFakeQuant emits a 4-bit pair
+_NARROW = {TensorProto.INT8: (TensorProto.INT4, -8, 7), TensorProto.UINT8: (TensorProto.UINT4, 0, 15)}
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def narrow_activation_qdq(graph_model: onnx.ModelProto) -> int:
+    """Rewrite every Q(int8) → Clip(−8, 7) → DQ into Q(int4) → DQ (uint8 / 0..15 into uint4, the zero
+    point's Cast with it): the same numbers, in the types an NPU toolchain reads. Returns how many."""
+    graph = graph_model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = _constant_values(graph)
+    retyped, dropped, renamed = set(), [], {}
+    for clip in graph.node:
+        q = producer.get(clip.input[0]) if clip.op_type == "Clip" else None
+        if q is None or q.op_type != "QuantizeLinear" or len(clip.input) != 3:
+            continue
+        attrs = {a.name: a for a in q.attribute}
+        dtype = attrs["output_dtype"].i if "output_dtype" in attrs else None
+        if dtype not in _NARROW:
+            continue
+        narrow, low, high = _NARROW[dtype]
+        bounds = [constants.get(name) for name in clip.input[1:]]
+        if any(b is None or b.size != 1 or int(b) != v for b, v in zip(bounds, (low, high), strict=True)):
+            continue
+        attrs["output_dtype"].i = narrow
+        retyped.add(q.output[0])
+        if len(q.input) == 3:  # the runtime zero point: Cast(...) to the narrow type too
+            cast = producer[q.input[2]]
+            next(a for a in cast.attribute if a.name == "to").i = narrow
+            retyped.add(cast.output[0])
+        renamed[clip.output[0]] = q.output[0]
+        dropped.append(clip)
+    for clip in dropped:
+        graph.node.remove(clip)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    stale = [vi for vi in graph.value_info if vi.name in retyped or vi.name in renamed]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    return len(dropped)
+
+
 def save_onnx(graph_model: onnx.ModelProto, path: Path) -> bool:
     """Save, with external data when the weights would pass protobuf's 2 GiB limit; returns whether
     external data was used."""
@@ -149,6 +200,7 @@ def export_qdq(model, weights: dict[str, QuantizedWeight], out_dir: Path, opset:
         fp_path = export_decoder_with_past(model, Path(tmp), opset)
         graph_model = onnx.load(str(fp_path))
         replaced = replace_weights_with_qdq(graph_model, weights)
+        narrow_activation_qdq(graph_model)
         for extra in Path(tmp).iterdir():
             if extra.suffix == ".json" and not (out_dir / extra.name).exists():
                 shutil.copy2(extra, out_dir / extra.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -59,3 +60,53 @@ def test_a_weight_missing_from_the_graph_is_an_error(tmp_path):
     result.weights[name].scale.mul_(2)  # no initializer holds these values any more
     with pytest.raises(onnx_qdq.EdgeqError, match="not found in the exported graph"):
         onnx_qdq.export_qdq(model, result.weights, tmp_path)
+
+
+def _w4a4(model_type: str, kv_bits: int = 16):
+    import dataclasses
+
+    from edgeq.config import scheme_preset
+    from edgeq.rotation.rotate import rotate_model
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model)
+    config = scheme_preset("w4a4")
+    config = dataclasses.replace(
+        config, method="rtn", activations=dataclasses.replace(config.activations, kv_bits=kv_bits)
+    )
+    rotate_model(model, adapter, config.rotation, kv_quantized=kv_bits < 16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, quantize_model(model, adapter, config, ids, progress=False)
+
+
+def test_w4a4_activations_are_int4_quantize_dequantize_pairs(tmp_path):
+    model, result = _w4a4("llama", kv_bits=4)
+    onnx_qdq.export_qdq(model, result.weights, tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    dtypes = [{a.name: a.i for a in n.attribute}["output_dtype"] for n in quantize]
+    layers = model.config.num_hidden_layers
+    assert dtypes.count(onnx.TensorProto.INT4) == 7 * layers  # every block linear's input
+    assert dtypes.count(onnx.TensorProto.UINT4) == 2 * layers  # keys and values, asymmetric
+    consumers = {name for n in graph.node for name in n.input}
+    assert all(n.output[0] in consumers for n in quantize)
+    feeding = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert {n.output[0] for n in quantize} <= feeding  # Q feeds DQ directly, no Clip left between
+    assert not any(n.op_type == "Clip" and n.input[0] in {q.output[0] for q in quantize} for n in graph.node)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_reference_evaluator_agrees_with_onnx_runtime(model_type, tmp_path):
+    """Spec conformance: the ONNX reference implementation computes what ORT computes."""
+    from onnx.reference import ReferenceEvaluator
+
+    model, result = _w4a4(model_type, kv_bits=4)
+    onnx_qdq.export_qdq(model, result.weights, tmp_path)
+    lm = OrtCausalLM(tmp_path, accuracy_level=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    feeds = lm.prefill_feeds(ids)
+    expected = lm.session.run(["logits"], feeds)[0]
+    reference = ReferenceEvaluator(str(tmp_path / "model.onnx"))
+    got = reference.run(["logits"], feeds)[0]
+    close = np.isclose(got, expected, rtol=1e-3, atol=1e-3).mean()
+    assert close > 0.99

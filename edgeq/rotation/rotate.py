@@ -120,9 +120,10 @@ def add_down_proj_rotation(model: nn.Module, adapter: Adapter) -> str:
 def add_query_key_rotation(model: nn.Module, adapter: Adapter) -> str:
     """R3: queries and keys after RoPE rotated online by a Hadamard of the head width (qkᵀ is
     unchanged), so that the quantized keys see no outlier channel; returns how it was built."""
-    transform = hadamard_transform(adapter.attention_shape(model.config).head_dim)
+    head_dim = adapter.attention_shape(model.config).head_dim
+    transform = hadamard_transform(head_dim)
     for block in adapter.blocks(model):
-        kv_spec(model, adapter.attention(block)).rotation = OnlineRotation(transform)
+        kv_spec(model, adapter.attention(block), head_dim).rotation = OnlineRotation(transform)
     return transform.kind
 
 
