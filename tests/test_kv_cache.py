@@ -53,7 +53,7 @@ def test_quantized_cache_changes_logits_and_decode_matches_prefill(model_type):
 
 @torch.no_grad()
 def test_cache_entries_are_quantized_per_token_and_head(monkeypatch):
-    from edgeq import kv_cache
+    from edgeq import activations
 
     model = tiny_model("llama")
     enable_activation_quantization(model, adapter_for(model), ActQuantConfig(kv_bits=4))
@@ -63,7 +63,7 @@ def test_cache_entries_are_quantized_per_token_and_head(monkeypatch):
         seen.append((x, fake_quant_per_token(x, bits, symmetric, clip_ratio)))
         return seen[-1][1]
 
-    monkeypatch.setattr(kv_cache, "fake_quant_per_token", recording)
+    monkeypatch.setattr(activations, "fake_quant_per_token", recording)  # block linears stay float here
     model(_ids(model))
     assert len(seen) == 2 * model.config.num_hidden_layers  # keys and values of every layer
     raw, quantized = seen[0]  # keys [b, Hkv, S, hd]
