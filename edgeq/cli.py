@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--seed", type=int, default=cal.seed, help="calibration sampling seed")
     _add_eval_options(export)
+    export.add_argument(
+        "--format",
+        default="qdq",
+        help="qdq: standard ONNX int4 QuantizeLinear/DequantizeLinear (what NPU toolchains compile); "
+        "ort: weights packed for ONNX Runtime's MatMulNBits, the fast CPU/CUDA path (default %(default)s)",
+    )
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -176,12 +182,14 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         quant=quant,
         calibration=CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed),
         evaluation=EvalConfig(args.eval_text, args.eval_seq_len, args.eval_windows),
+        format=args.format,
     )
 
 
 def default_out(config: ExportConfig) -> Path:
     name = Path(config.model.rstrip("/")).name.removesuffix(".gguf")
-    return Path("out") / f"{name}-{config.quant.scheme}-{config.quant.method}"
+    suffix = "" if config.format == "qdq" else f"-{config.format}"
+    return Path("out") / f"{name}-{config.quant.scheme}-{config.quant.method}{suffix}"
 
 
 def _log_to_stderr() -> None:

@@ -6,12 +6,15 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from tqdm.auto import tqdm
 
 from edgeq.errors import EdgeqError
+from exporters.ort_matmulnbits import set_accuracy_level
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [1, L] -> logits [1, L, vocab]
 
@@ -31,6 +34,34 @@ def perplexity(
     return math.exp(sum(nlls) / len(nlls))
 
 
+def perplexities_and_agreement(
+    reference: LogitsFn,
+    candidates: dict[str, LogitsFn],
+    windows: torch.Tensor,
+    desc: str = "compare",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One pass over windows [n, L]: the reference's perplexity and, per candidate, its perplexity and
+    greedy top-1 agreement with the reference (the share of positions whose argmax token matches)."""
+    nll: dict[str, list[float]] = {name: [] for name in ("reference", *candidates)}
+    agree = {name: 0 for name in candidates}
+    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        ref = reference(ids[None])[0]
+        nll["reference"].append(window_nll(ref, ids))
+        for name, fn in candidates.items():
+            logits = fn(ids[None])[0]
+            nll[name].append(window_nll(logits, ids))
+            agree[name] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+    positions = windows.numel()
+    out: dict[str, Any] = {"reference": math.exp(sum(nll["reference"]) / len(windows))}
+    for name in candidates:
+        out[name] = {
+            "perplexity": math.exp(sum(nll[name]) / len(windows)),
+            "top1_agreement": agree[name] / positions,
+        }
+    return out
+
+
 def torch_logits_fn(model) -> LogitsFn:
     @torch.no_grad()
     def run(input_ids: torch.Tensor) -> torch.Tensor:
@@ -42,8 +73,9 @@ def torch_logits_fn(model) -> LogitsFn:
 class OrtCausalLM:
     """A decoder-with-past ONNX model (optimum layout) in an ORT session.
 
-    accuracy_level: the MatMulNBits accuracy level ORT uses when it fuses int4 DequantizeLinear →
-    MatMul (0 = float32 compute, exact to the fake-quantized weights; 4 = int8 activations, faster).
+    accuracy_level: the MatMulNBits accuracy level, whether ORT fuses int4 DequantizeLinear → MatMul
+    into MatMulNBits or the graph holds them (0 = float32 compute, exact to the fake-quantized
+    weights; 4 = int8 activations, faster).
     """
 
     def __init__(
@@ -60,10 +92,19 @@ class OrtCausalLM:
         if not path.exists():
             raise EdgeqError(f"no model.onnx in {model_dir}")
         options = ort.SessionOptions()
+        # for DequantizeLinear → MatMul that ORT fuses; explicit MatMulNBits carry it as an attribute
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        source: str | bytes = str(path)
+        graph = onnx.load(str(path), load_external_data=False)
+        if any(node.op_type == "MatMulNBits" for node in graph.graph.node):
+            set_accuracy_level(graph, accuracy_level)
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(model_dir)
+            )
+            source = graph.SerializeToString()
+        self.session = ort.InferenceSession(source, options, providers=[provider])
         self.input_names = {i.name for i in self.session.get_inputs()}
         config = json.loads((model_dir / "config.json").read_text())
         self.num_layers = config["num_hidden_layers"]

@@ -17,21 +17,25 @@ from edgeq.artifact import atomic_folder, check_destination
 from edgeq.config import ExportConfig
 from edgeq.data import eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
-from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
+from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from edgeq.pipeline import quantize_model
 from edgeq.quant import method_class
 from edgeq.rotation.rotate import rotate_model
 from exporters.onnx_qdq import export_qdq
+from exporters.ort_matmulnbits import to_matmulnbits
 
 log = logging.getLogger("edgeq")
 
 CONFIG_FILE = "edgeq_config.json"
 REPORT_FILE = "report.json"
 ONNX_PROVIDER = "CPUExecutionProvider"
+FORMATS = ("qdq", "ort")
 # ORT perplexity must match the PyTorch fake-quant perplexity within this relative difference.
 ONNX_PARITY_TOLERANCE = 0.005
+# ... and agree with its greedy next-token choice on at least this share of positions.
+MIN_TOP1_AGREEMENT = 0.99
 
 
 def validate_inputs(config: ExportConfig) -> None:
@@ -39,8 +43,8 @@ def validate_inputs(config: ExportConfig) -> None:
     config.quant.weights.validate()
     config.quant.activations.validate()
     method_class(config.quant.method)
-    if config.format != "qdq":
-        raise EdgeqError(f"unknown format '{config.format}': choose qdq")
+    if config.format not in FORMATS:
+        raise EdgeqError(f"unknown format '{config.format}': choose one of {', '.join(FORMATS)}")
     if config.calibration.num_sequences < 1 or config.calibration.seq_len < 2:
         raise EdgeqError("calibration needs at least 1 sequence of at least 2 tokens")
     if config.evaluation.seq_len < 2:
@@ -118,36 +122,48 @@ def run_export(
 
     result = quantize_model(model, adapter, config.quant, data.calibration, progress=progress)
     timings["quantize_s"] = round(result.seconds, 3)
-    with _timed(timings, "eval_quant_torch_s"):
-        ppl["quant_torch"] = perplexity(torch_logits_fn(model), windows, "quantized perplexity", progress)
-    log.info("quantized perplexity (PyTorch fake-quant): %.3f", ppl["quant_torch"])
 
     with atomic_folder(out, overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
-        log.info("exporting ONNX")
+        log.info("exporting ONNX (%s format)", config.format)
         with _timed(timings, "export_onnx_s"):
             info = export_qdq(model, result.weights, tmp, config.onnx_opset)
-        with _timed(timings, "eval_onnx_cpu_s"):
-            ort_model = OrtCausalLM(tmp, provider=ONNX_PROVIDER, accuracy_level=0)
-            ppl_onnx = perplexity(ort_model.logits, windows, "ONNX perplexity", progress)
-        ppl["quant_onnx"] = {ONNX_PROVIDER: {"accuracy_level_0": ppl_onnx}}
-        log.info("quantized perplexity (ONNX Runtime CPU): %.3f", ppl_onnx)
+            if config.format == "ort":
+                info = to_matmulnbits(info)
+        with _timed(timings, "eval_quant_s"):
+            levels = {f"accuracy_level_{lvl}": OrtCausalLM(tmp, ONNX_PROVIDER, lvl).logits for lvl in (0, 4)}
+            compared = perplexities_and_agreement(
+                torch_logits_fn(model), levels, windows, "quantized: PyTorch vs ONNX", progress
+            )
+        ppl["quant_torch"] = compared.pop("reference")
+        ppl["quant_onnx"] = {ONNX_PROVIDER: {k: v["perplexity"] for k, v in compared.items()}}
+        agreement = {ONNX_PROVIDER: {k: v["top1_agreement"] for k, v in compared.items()}}
+        ppl_onnx = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
+        log.info("quantized perplexity: PyTorch %.3f, ONNX Runtime CPU %.3f (accuracy level 4: %.3f)",
+                 ppl["quant_torch"], ppl_onnx, ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_4"])  # fmt: skip
         rel = abs(ppl_onnx - ppl["quant_torch"]) / ppl["quant_torch"]
+        top1 = agreement[ONNX_PROVIDER]["accuracy_level_0"]
         report |= {
             "perplexity": ppl,
+            "top1_agreement_with_pytorch": agreement,
             "onnx_parity": {
-                "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs PyTorch fake-quant perplexity",
+                "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs the PyTorch fake-quantized "
+                "model: relative perplexity difference and greedy top-1 agreement",
                 "relative_difference": rel,
                 "tolerance": ONNX_PARITY_TOLERANCE,
-                "passed": rel <= ONNX_PARITY_TOLERANCE,
+                "top1_agreement": top1,
+                "min_top1_agreement": MIN_TOP1_AGREEMENT,
+                "passed": rel <= ONNX_PARITY_TOLERANCE and top1 >= MIN_TOP1_AGREEMENT,
             },
             "sizes_bytes": {
                 "fp32_parameters": fp_bytes,
                 "onnx_model": info.bytes_total,
                 "onnx_external_data": info.external_data,
+                "onnx_components": info.components,
             },
             "onnx": {
                 "file": info.path.name,
+                "format": config.format,
                 "opset": config.onnx_opset,
                 "quantized_weights": info.replaced_weights,
             },
@@ -158,12 +174,12 @@ def run_export(
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    if rel > ONNX_PARITY_TOLERANCE:
+    if not report["onnx_parity"]["passed"]:
         log.warning(
-            "ONNX perplexity differs from PyTorch by %.2f%% (tolerance %.1f%%)",
-            rel * 100,
-            ONNX_PARITY_TOLERANCE * 100,
-        )
+            "ONNX differs from PyTorch: perplexity by %.2f%% (tolerance %.1f%%), top-1 agreement %.2f%% "
+            "(at least %.0f%%)",
+            rel * 100, ONNX_PARITY_TOLERANCE * 100, top1 * 100, MIN_TOP1_AGREEMENT * 100,
+        )  # fmt: skip
     return report
 
 

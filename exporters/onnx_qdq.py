@@ -37,6 +37,7 @@ class OnnxExportInfo:
     replaced_weights: int
     bytes_total: int
     external_data: bool
+    components: dict[str, int]  # initializer bytes: embedding, blocks, lm_head
 
 
 def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
@@ -177,6 +178,37 @@ def narrow_activation_qdq(graph_model: onnx.ModelProto) -> int:
     return len(dropped)
 
 
+def _tensor_bytes(init: onnx.TensorProto) -> int:
+    if init.HasField("raw_data") or init.data_location == TensorProto.EXTERNAL:
+        ext = {e.key: e.value for e in init.external_data}
+        return int(ext["length"]) if "length" in ext else len(init.raw_data)
+    return numpy_helper.to_array(init).nbytes
+
+
+def component_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer bytes by component: ``embedding`` (feeds a Gather), ``lm_head`` (the weights of
+    the node producing ``logits``, reached through Transpose/Cast; 0 when tied to the embedding)
+    and ``blocks`` (everything else: block weights, norms, rotations)."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    embedding = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    head: set[str] = set()
+    frontier = [n for n in graph.node if "logits" in n.output]
+    while frontier:
+        node = frontier.pop()
+        for name in node.input:
+            if name in inits:
+                head.add(name)
+            elif name in producer and producer[name].op_type in ("Transpose", "Cast", "DequantizeLinear"):
+                frontier.append(producer[name])
+    sizes = {"embedding": 0, "blocks": 0, "lm_head": 0}
+    for name, init in inits.items():
+        part = "embedding" if name in embedding else "lm_head" if name in head else "blocks"
+        sizes[part] += _tensor_bytes(init)
+    return sizes
+
+
 def save_onnx(graph_model: onnx.ModelProto, path: Path) -> bool:
     """Save, with external data when the weights would pass protobuf's 2 GiB limit; returns whether
     external data was used."""
@@ -204,8 +236,15 @@ def export_qdq(model, weights: dict[str, QuantizedWeight], out_dir: Path, opset:
         for extra in Path(tmp).iterdir():
             if extra.suffix == ".json" and not (out_dir / extra.name).exists():
                 shutil.copy2(extra, out_dir / extra.name)
+    return write_model(graph_model, out_dir, replaced)
+
+
+def write_model(graph_model: onnx.ModelProto, out_dir: Path, replaced: int) -> OnnxExportInfo:
+    """Save ``out_dir/model.onnx`` (replacing any earlier one and its external data), check it with
+    ``onnx.checker`` (full_check) and describe it."""
     path = out_dir / MODEL_FILE
+    (out_dir / EXTERNAL_DATA_FILE).unlink(missing_ok=True)
     external = save_onnx(graph_model, path)
     onnx.checker.check_model(str(path), full_check=True)
     total = sum(p.stat().st_size for p in out_dir.glob("model.onnx*"))
-    return OnnxExportInfo(path=path, replaced_weights=replaced, bytes_total=total, external_data=external)
+    return OnnxExportInfo(path, replaced, total, external, component_bytes(graph_model))

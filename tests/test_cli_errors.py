@@ -150,8 +150,20 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--act-bits", "5"], "activation and KV cache bits must be"),
         (["--scheme", "w4a4", "--down-act-bits", "3"], "activation and KV cache bits must be"),
         (["--act-bits", "4", "--act-clip", "0"], "clip ratio"),
+        (["--format", "tflite"], "unknown format 'tflite'"),
+        (["--kv-bits", "2"], "KV cache bits must be"),
     ],
-    ids=["scheme", "method", "group-size", "bits", "act-bits", "down-act-bits", "act-clip"],
+    ids=[
+        "scheme",
+        "method",
+        "group-size",
+        "bits",
+        "act-bits",
+        "down-act-bits",
+        "act-clip",
+        "format",
+        "kv-bits",
+    ],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):
     msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), *args], out)

@@ -110,3 +110,84 @@ def test_reference_evaluator_agrees_with_onnx_runtime(model_type, tmp_path):
     got = reference.run(["logits"], feeds)[0]
     close = np.isclose(got, expected, rtol=1e-3, atol=1e-3).mean()
     assert close > 0.99
+
+
+def _dequantize_matmulnbits(b, scales, zero_points, k: int, n: int, block: int) -> np.ndarray:
+    """W [N, K] from MatMulNBits' inputs, spelled out from the contrib op's documentation."""
+    blocks = -(-k // block)
+    w = np.zeros((n, blocks * block))
+    for row in range(n):
+        for blk in range(blocks):
+            byte = b[row, blk]
+            codes = np.empty(block)
+            codes[0::2], codes[1::2] = byte & 0xF, byte >> 4
+            if zero_points is None:
+                zp = 8
+            else:
+                packed = zero_points[row * ((blocks + 1) // 2) + blk // 2]
+                zp = (packed >> 4) if blk % 2 else (packed & 0xF)
+            w[row, blk * block : (blk + 1) * block] = (codes - zp) * scales[row * blocks + blk]
+    return w[:, :k]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(("k", "block"), [(72, 16), (72, 32), (96, 32), (40, 128)])
+def test_matmulnbits_packing_matches_the_documented_layout(symmetric, k, block):
+    from exporters.ort_matmulnbits import matmulnbits_inputs
+
+    rng = np.random.default_rng(k + block)
+    n, blocks = 6, -(-k // block)
+    codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    scale = rng.random((blocks, n)).astype(np.float32) + 0.1
+    zero = None if symmetric else rng.integers(0, 16, (blocks, n), dtype=np.uint8)
+    b, scales, zp = matmulnbits_inputs(codes, scale, zero, block)
+    assert b.shape == (n, blocks, block // 2) and scales.shape == (n * blocks,)
+    assert (zp is None) == symmetric
+    group = np.arange(k) // block
+    expected = (codes.astype(float) - (8 if symmetric else zero[group])) * scale[group]  # [K, N]
+    np.testing.assert_allclose(_dequantize_matmulnbits(b, scales, zp, k, n, block), expected.T, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        WeightQuantConfig(4, 16),
+        WeightQuantConfig(4, 32, symmetric=True),
+        WeightQuantConfig(4, -1, symmetric=True),
+    ],
+    ids=["asym-g16-ragged", "sym-g32-ragged", "sym-per-channel"],
+)
+def test_ort_format_logits_match_pytorch(weights, tmp_path):
+    from exporters.ort_matmulnbits import to_matmulnbits
+
+    model, result = _quantized("qwen2", weights)
+    info = to_matmulnbits(onnx_qdq.export_qdq(model, result.weights, tmp_path))
+    graph = onnx.load(str(info.path)).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == len(result.weights)
+    assert not any(n.op_type == "DequantizeLinear" for n in graph.node)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    torch.testing.assert_close(
+        OrtCausalLM(tmp_path, accuracy_level=0).logits(ids), expected, rtol=1e-4, atol=1e-4
+    )
+    level4 = OrtCausalLM(tmp_path, accuracy_level=4).logits(ids)  # int8 activations: close, not equal
+    assert not torch.equal(level4, expected)
+    assert info.components["blocks"] > 0 and info.components["embedding"] > 0
+
+
+def test_w4a4_ort_format_keeps_activation_qdq_in_front_of_matmulnbits(tmp_path):
+    from exporters.ort_matmulnbits import to_matmulnbits
+
+    model, result = _w4a4("llama")
+    to_matmulnbits(onnx_qdq.export_qdq(model, result.weights, tmp_path))
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(result.weights)
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in nbits)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    got = OrtCausalLM(tmp_path, accuracy_level=0).logits(ids)
+    assert torch.isclose(got, expected, rtol=1e-3, atol=1e-3).float().mean() > 0.99
