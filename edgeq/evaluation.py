@@ -92,6 +92,7 @@ class OrtCausalLM:
         if not path.exists():
             raise EdgeqError(f"no model.onnx in {model_dir}")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
         # for DequantizeLinear → MatMul that ORT fuses; explicit MatMulNBits carry it as an attribute
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         if threads:
@@ -106,10 +107,12 @@ class OrtCausalLM:
             source = graph.SerializeToString()
         self.session = ort.InferenceSession(source, options, providers=[provider])
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
         config = json.loads((model_dir / "config.json").read_text())
         self.num_layers = config["num_hidden_layers"]
         self.num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        self.vocab_size = config["vocab_size"]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -128,6 +131,36 @@ class OrtCausalLM:
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         return feeds
+
+    def step(
+        self, input_ids: np.ndarray, past: dict[str, np.ndarray], start: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run input_ids [b, L] at positions start.. on top of the cache ``past``; returns the logits
+        [b, L, vocab] and the new cache (as the next call's ``past``)."""
+        b, length = input_ids.shape
+        feeds = {"input_ids": input_ids.astype(np.int64), **past}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((b, start + length), np.int64)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(start, start + length), (b, length)).copy()
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        present = {
+            name.replace("present", "past_key_values"): value
+            for name, value in outputs.items()
+            if name.startswith("present")
+        }
+        return outputs["logits"], present
+
+    def generate_greedy(self, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy decoding with the KV cache: prompt [1, L] → the new token ids [new_tokens]."""
+        logits, past = self.step(prompt, self.empty_past(1), 0)
+        tokens = []
+        for t in range(new_tokens):
+            token = int(logits[0, -1].argmax())
+            tokens.append(token)
+            if t + 1 < new_tokens:
+                logits, past = self.step(np.array([[token]]), past, prompt.shape[1] + t)
+        return np.array(tokens)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""

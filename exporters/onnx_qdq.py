@@ -166,8 +166,14 @@ def narrow_activation_qdq(graph_model: onnx.ModelProto) -> int:
             retyped.add(cast.output[0])
         renamed[clip.output[0]] = q.output[0]
         dropped.append(clip)
+    bounds = {name for clip in dropped for name in clip.input[1:]}
     for clip in dropped:
         graph.node.remove(clip)
+    still_used = {name for node in graph.node for name in node.input}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in bounds - still_used]:
+        graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name in bounds - still_used]:
+        graph.initializer.remove(init)
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renamed:

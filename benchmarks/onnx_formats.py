@@ -1,0 +1,163 @@
+"""The two ONNX formats of one quantized model: parity with PyTorch, size and CPU decode speed.
+
+    python benchmarks/onnx_formats.py              # SmolLM2, RTN weights (the formats, not the method)
+
+For w4a16 and w4a4, one model is quantized, exported as ``qdq`` and converted to ``ort``
+(MatMulNBits); both are scored in one pass over the evaluation windows against the PyTorch
+fake-quantized model (perplexity, greedy top-1 agreement; MatMulNBits accuracy levels 0 and 4), and
+timed with the KV cache (128-token prompt, 64 greedy steps, 2 threads) beside the FP32 ONNX export
+of the same model, measured in the same run.
+
+Writes benchmarks/results/onnx_formats.json and .md, and the README table between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import add_data_arguments, load_data, machine_and_versions, update_readme
+
+from edgeq.config import scheme_preset
+from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
+from edgeq.latency import measure_decode
+from edgeq.models.adapters import adapter_for
+from edgeq.models.loading import load_model
+from edgeq.pipeline import quantize_model
+from edgeq.rotation.rotate import rotate_model
+from exporters.onnx_qdq import export_qdq
+from exporters.ort_matmulnbits import to_matmulnbits
+
+README_MARKER = "onnx format results"
+SCHEMES = ("w4a16", "w4a4")
+LEVELS = (0, 4)
+
+
+def _speed(folder: Path, threads: int, repeats: int) -> dict:
+    return measure_decode(OrtCausalLM(folder, threads=threads), 128, 64, repeats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--method", default="rtn", help="weight method of the quantized models")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the timings")
+    parser.add_argument("--repeats", type=int, default=5, help="timed decode runs per model")
+    args = parser.parse_args(argv)
+    if args.render:
+        write_tables(json.loads((args.out / "onnx_formats.json").read_text()), args.out, not args.no_readme)
+        return
+
+    source, data = load_data(args)
+    windows = data.evaluation
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgeq-formats-") as tmp:
+        fp_dir = Path(tmp) / "fp32"
+        info = export_qdq(load_model(source), {}, fp_dir)
+        fp_ppl = perplexity(OrtCausalLM(fp_dir).logits, windows, "FP32 ONNX")
+        fp_speed = _speed(fp_dir, args.threads, args.repeats)
+        rows.append({"model": "FP32 ONNX", "perplexity": {"accuracy_level_0": fp_ppl}, "speed": fp_speed,
+                     "bytes": info.bytes_total, "components": info.components})  # fmt: skip
+        print(
+            f"FP32 ONNX ppl {fp_ppl:.3f}, {fp_speed['decode_tokens_per_s']['p50']:.1f} tokens/s", flush=True
+        )
+        for scheme in SCHEMES:
+            config = dataclasses.replace(scheme_preset(scheme), method=args.method)
+            model = load_model(source)
+            adapter = adapter_for(model)
+            rotate_model(model, adapter, config.rotation)
+            result = quantize_model(model, adapter, config, data.calibration)
+            qdq_dir, ort_dir = Path(tmp) / f"{scheme}-qdq", Path(tmp) / f"{scheme}-ort"
+            infos = {"qdq": export_qdq(model, result.weights, qdq_dir)}
+            shutil.copytree(qdq_dir, ort_dir)
+            infos["ort"] = to_matmulnbits(dataclasses.replace(infos["qdq"], path=ort_dir / "model.onnx"))
+            candidates = {
+                f"{fmt} {level}": OrtCausalLM(info.path.parent, accuracy_level=level).logits
+                for fmt, info in infos.items()
+                for level in LEVELS
+            }
+            compared = perplexities_and_agreement(
+                torch_logits_fn(model), candidates, windows, f"{scheme}: PyTorch vs ONNX"
+            )
+            torch_ppl = compared.pop("reference")
+            for fmt, info in infos.items():
+                speed = _speed(info.path.parent, args.threads, args.repeats)
+                levels = {f"accuracy_level_{lvl}": compared[f"{fmt} {lvl}"] for lvl in LEVELS}
+                rows.append({
+                    "model": f"{scheme} {fmt}", "scheme": scheme, "format": fmt,
+                    "torch_perplexity": torch_ppl,
+                    "perplexity": {k: v["perplexity"] for k, v in levels.items()},
+                    "top1_agreement": {k: v["top1_agreement"] for k, v in levels.items()},
+                    "bytes": info.bytes_total, "components": info.components, "speed": speed,
+                })  # fmt: skip
+                print(f"{scheme} {fmt}: {rows[-1]['perplexity']} vs torch {torch_ppl:.3f}, "
+                      f"{speed['decode_tokens_per_s']['p50']:.1f} tokens/s", flush=True)  # fmt: skip
+            del model
+    results = {
+        "model": args.model,
+        "method": args.method,
+        "eval_windows": windows.shape[0],
+        "settings": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+        "command": " ".join(["python benchmarks/onnx_formats.py", *sys.argv[1:]]),
+        **machine_and_versions(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "onnx_formats.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_tables(results, args.out, not args.no_readme)
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    fp = results["rows"][0]
+    fp_speed = fp["speed"]["decode_tokens_per_s"]["p50"]
+    lines = [
+        f"Model `{results['model']}`, weights by {results['method'].upper()}; perplexity on WikiText-2 test, "
+        f"{results['eval_windows']} windows of {s['eval_seq_len']} tokens; ONNX Runtime CPU, "
+        f"MatMulNBits accuracy level 0 (level 4 in brackets); top-1: greedy agreement with the PyTorch "
+        f"fake-quantized model; decode: {fp['speed']['prompt_tokens']}-token prompt, "
+        f"{fp['speed']['new_tokens']} steps with the KV cache, {s['threads']} threads, p50 of "
+        f"{fp['speed']['repeats']} runs.",
+        "",
+        "| model | PyTorch ppl | ONNX ppl | top-1 | size (MB) | embedding / blocks / lm_head (MB) "
+        "| prefill (ms) | decode (tokens/s) | decode vs FP32 |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in results["rows"]:
+        ppl, top1 = row["perplexity"], row.get("top1_agreement")
+        onnx_ppl = f"{ppl['accuracy_level_0']:.2f}"
+        if "accuracy_level_4" in ppl:
+            onnx_ppl += f" ({ppl['accuracy_level_4']:.2f})"
+        agreement = (
+            ""
+            if top1 is None
+            else (f"{top1['accuracy_level_0'] * 100:.2f}% ({top1['accuracy_level_4'] * 100:.1f}%)")
+        )
+        torch_ppl = f"{row['torch_perplexity']:.2f}" if "torch_perplexity" in row else ""
+        parts = " / ".join(f"{row['components'][k] / 1e6:.1f}" for k in ("embedding", "blocks", "lm_head"))
+        tps = row["speed"]["decode_tokens_per_s"]["p50"]
+        lines.append(
+            f"| {row['model']} | {torch_ppl} | {onnx_ppl} | {agreement} | {row['bytes'] / 1e6:.1f} | {parts} "
+            f"| {row['speed']['prefill_ms']['p50']:.0f} | {tps:.1f} | {tps / fp_speed:.2f} × |"
+        )
+    lines += ["", f"Produced by `{results['command']}` on {results['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(results: dict, out: Path, readme: bool) -> None:
+    table = markdown(results)
+    (out / "onnx_formats.md").write_text(table)
+    if readme:
+        update_readme(table, README_MARKER)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
