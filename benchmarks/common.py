@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import platform
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -20,27 +19,6 @@ from edgeq.models.loading import ModelSource, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        self.process = psutil.Process()
-        self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import PeakRSS, add_data_arguments, load_data, machine_and_versions, update_readme
+from common import add_data_arguments, load_data, machine_and_versions, update_readme
 
 from edgeq.config import PER_CHANNEL, QuantConfig, WeightQuantConfig
 from edgeq.evaluation import perplexity, torch_logits_fn
+from edgeq.latency import PeakRSS
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_model
 from edgeq.pipeline import quantize_model

@@ -139,8 +139,9 @@ def run_export(
         ppl["quant_onnx"] = {ONNX_PROVIDER: {k: v["perplexity"] for k, v in compared.items()}}
         agreement = {ONNX_PROVIDER: {k: v["top1_agreement"] for k, v in compared.items()}}
         ppl_onnx = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
+        level4 = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_4"]
         log.info("quantized perplexity: PyTorch %.3f, ONNX Runtime CPU %.3f (accuracy level 4: %.3f)",
-                 ppl["quant_torch"], ppl_onnx, ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_4"])  # fmt: skip
+                 ppl["quant_torch"], ppl_onnx, level4)  # fmt: skip
         rel = abs(ppl_onnx - ppl["quant_torch"]) / ppl["quant_torch"]
         top1 = agreement[ONNX_PROVIDER]["accuracy_level_0"]
         report |= {

@@ -1,10 +1,12 @@
-"""Prefill latency and KV-cache decode speed of an ONNX decoder in ONNX Runtime."""
+"""Prefill latency and KV-cache decode speed of an ONNX decoder in ONNX Runtime, and peak memory."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
+import psutil
 
 from edgeq.evaluation import OrtCausalLM
 
@@ -42,3 +44,24 @@ def measure_decode(
         "prefill_ms": _percentiles(prefill_ms),
         "decode_tokens_per_s": _percentiles(tokens_per_s),
     }
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
