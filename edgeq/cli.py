@@ -10,15 +10,18 @@ import sys
 from pathlib import Path
 
 from edgeq.config import (
+    DEFAULT_GATES,
     SCHEMES,
     CalibrationConfig,
     EvalConfig,
     ExportConfig,
+    ValidationConfig,
     scheme_preset,
 )
 from edgeq.errors import EdgeqError
 from edgeq.models.loading import DEFAULT_MODEL
 from edgeq.quant import METHODS
+from edgeq.validate import GATES, load_gates
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +50,43 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_windows,
         help="evaluate the first N windows, or 'all' (default %(default)s)",
     )
+
+
+# flag -> gate name (edgeq.validate.GATES says what each compares)
+GATE_FLAGS = {
+    "max_ppl_ratio": "perplexity_ratio",
+    "min_top1": "top1_agreement",
+    "max_kl": "kl_divergence",
+    "min_speedup": "decode_speedup",
+    "max_size_ratio": "size_ratio",
+}
+
+
+def _add_validation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation gates (default: " + ", ".join(
+        f"{k} {GATES[k][0]} {v}" for k, v in DEFAULT_GATES.items()) + ")")  # fmt: skip
+    group.add_argument("--providers", default="cpu,cuda", help="execution providers to check (%(default)s)")
+    group.add_argument("--gates", type=Path, help="TOML file with a [gates] table (replaces the defaults)")
+    group.add_argument("--max-ppl-ratio", type=float, help="ONNX perplexity / FP perplexity at most")
+    group.add_argument("--min-top1", type=float, help="greedy top-1 agreement with the FP model at least")
+    group.add_argument("--max-kl", type=float, help="KL(FP ‖ ONNX) per token at most (nats)")
+    group.add_argument("--min-speedup", type=float, help="decode tokens/s over FP32 ONNX at least")
+    group.add_argument("--max-size-ratio", type=float, help="ONNX bytes / FP32 parameter bytes at most")
+    group.add_argument(
+        "--threads", type=int, default=2, help="ORT threads for the latency timings (%(default)s)"
+    )
+
+
+def _gates_from_args(args: argparse.Namespace) -> dict[str, float]:
+    gates = load_gates(args.gates) if args.gates else dict(DEFAULT_GATES)
+    for flag, name in GATE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            gates[name] = getattr(args, flag)
+    return gates
+
+
+def _providers(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument(
+        "--no-validate", action="store_true", help="skip the validation gates at the end (not recommended)"
+    )
+    _add_validation_options(export)
 
     ev = sub.add_parser("eval", help="perplexity of a model (PyTorch) or an exported folder (ONNX Runtime)")
     ev.add_argument(
@@ -146,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="ORT MatMulNBits accuracy level (0 = float32, 4 = int8 activations)",
     )
     _add_eval_options(ev)
+
+    val = sub.add_parser(
+        "validate",
+        help="check an artifact folder in ONNX Runtime against gates (exit 1 on a failed gate)",
+        description="Perplexity, agreement with the FP model, generation, latency and size of an artifact, "
+        "per execution provider, compared with gates; a table, optional JUnit XML, exit 1 on failure.",
+    )
+    val.add_argument("folder", type=Path, help="artifact folder written by edgeq export")
+    val.add_argument("--junit", type=Path, help="write JUnit XML here (for CI systems)")
+    _add_validation_options(val)
+
+    ver = sub.add_parser("verify", help="re-check the sha256 of every file of an artifact folder")
+    ver.add_argument("folder", type=Path, help="artifact folder with manifest.json")
     return parser
 
 
@@ -183,6 +240,12 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         calibration=CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed),
         evaluation=EvalConfig(args.eval_text, args.eval_seq_len, args.eval_windows),
         format=args.format,
+        validation=ValidationConfig(
+            enabled=not args.no_validate,
+            providers=_providers(args.providers),
+            gates=_gates_from_args(args),
+            threads=args.threads,
+        ),
     )
 
 
@@ -222,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"quantized (PyTorch) {ppl['quant_torch']:.3f}  "
                 f"ONNX (ORT CPU) {ppl['quant_onnx']['CPUExecutionProvider']['accuracy_level_0']:.3f}"
             )
+            if "validation" in report and not report["validation"]["passed"]:
+                print("edgeq: validation gates FAILED (see report.md)", file=sys.stderr)
+                return 1
         elif args.command == "eval":
             from edgeq.export import evaluate
 
@@ -234,6 +300,24 @@ def main(argv: list[str] | None = None) -> int:
                 progress,
             )
             print(json.dumps(result))
+        elif args.command == "validate":
+            from edgeq.validate import format_table, junit_xml, validate
+
+            result = validate(args.folder, list(_providers(args.providers)), _gates_from_args(args),
+                              args.threads, progress)  # fmt: skip
+            print(format_table(result))
+            if args.junit:
+                args.junit.parent.mkdir(parents=True, exist_ok=True)
+                args.junit.write_text(junit_xml(result))
+            return 0 if result.passed else 1
+        elif args.command == "verify":
+            from edgeq.manifest import verify_bundle
+
+            problems = verify_bundle(args.folder)
+            for problem in problems:
+                print(f"edgeq: {problem}", file=sys.stderr)
+            print(f"{args.folder}: {'FAILED' if problems else 'all files match manifest.json'}")
+            return 1 if problems else 0
     except EdgeqError as err:
         print(f"edgeq: error: {err}", file=sys.stderr)
         return 2

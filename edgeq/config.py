@@ -166,6 +166,25 @@ class EvalConfig:
     max_windows: int | None = 40
 
 
+# Gates that catch a broken model whatever the scheme (see edgeq.validate.GATES for what each
+# compares); CI sets its own, tighter ones (examples/ci-workflow.yml).
+DEFAULT_GATES = {"perplexity_ratio": 2.0, "top1_agreement": 0.5, "size_ratio": 0.6}
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The checks ``edgeq export`` runs on its artifact at the end (``edgeq validate`` runs the same).
+
+    providers: ONNX Runtime execution providers to try ("cpu", "cuda"); those missing here are
+    skipped with the reason. threads: intra-op threads for the latency measurements.
+    """
+
+    enabled: bool = True
+    providers: tuple[str, ...] = ("cpu", "cuda")
+    gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
+    threads: int = 2
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Everything ``edgeq export`` did, written as ``edgeq_config.json`` into the artifact."""
@@ -176,6 +195,7 @@ class ExportConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     onnx_opset: int = 21
     format: str = "qdq"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,7 +215,15 @@ class ExportConfig:
             evaluation=EvalConfig(**data.get("evaluation", {})),
             onnx_opset=data.get("onnx_opset", 21),
             format=data.get("format", "qdq"),
+            validation=_validation_from_dict(data.get("validation", {})),
         )
+
+
+def _validation_from_dict(data: dict[str, Any]) -> ValidationConfig:
+    data = dict(data)
+    if "providers" in data:
+        data["providers"] = tuple(data["providers"])
+    return ValidationConfig(**data)
 
 
 SCHEMES: dict[str, QuantConfig] = {

@@ -75,14 +75,14 @@ class OrtCausalLM:
 
     accuracy_level: the MatMulNBits accuracy level, whether ORT fuses int4 DequantizeLinear → MatMul
     into MatMulNBits or the graph holds them (0 = float32 compute, exact to the fake-quantized
-    weights; 4 = int8 activations, faster).
+    weights; 4 = int8 activations, faster; None = as ORT and the graph set it, what a user gets).
     """
 
     def __init__(
         self,
         model_dir: str | Path,
         provider: str = "CPUExecutionProvider",
-        accuracy_level: int = 0,
+        accuracy_level: int | None = 0,
         threads: int | None = None,
     ):
         import onnxruntime as ort
@@ -94,12 +94,13 @@ class OrtCausalLM:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         # for DequantizeLinear → MatMul that ORT fuses; explicit MatMulNBits carry it as an attribute
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        if accuracy_level is not None:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         if threads:
             options.intra_op_num_threads = threads
         source: str | bytes = str(path)
         graph = onnx.load(str(path), load_external_data=False)
-        if any(node.op_type == "MatMulNBits" for node in graph.graph.node):
+        if accuracy_level is not None and any(node.op_type == "MatMulNBits" for node in graph.graph.node):
             set_accuracy_level(graph, accuracy_level)
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(model_dir)

@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import platform
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -18,11 +20,22 @@ from edgeq.config import ExportConfig
 from edgeq.data import eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
 from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
+from edgeq.latency import measure_decode
+from edgeq.manifest import calibration_sha256, weights_sha256, write_manifest, write_model_card
 from edgeq.models.adapters import adapter_for
-from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model
+from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model, weight_files
 from edgeq.pipeline import quantize_model
 from edgeq.quant import method_class
+from edgeq.report_md import write_report_md
 from edgeq.rotation.rotate import rotate_model
+from edgeq.validate import (
+    check_gates,
+    format_table,
+    fp_reference,
+    provider_status,
+    validate,
+    write_fp_reference,
+)
 from exporters.onnx_qdq import export_qdq
 from exporters.ort_matmulnbits import to_matmulnbits
 
@@ -51,6 +64,9 @@ def validate_inputs(config: ExportConfig) -> None:
         raise EdgeqError("evaluation windows need at least 2 tokens")
     if config.evaluation.max_windows is not None and config.evaluation.max_windows < 1:
         raise EdgeqError("--eval-windows must be a positive number or 'all'")
+    if config.validation.enabled:
+        check_gates(config.validation.gates)
+        provider_status(list(config.validation.providers))
 
 
 @contextlib.contextmanager
@@ -106,8 +122,12 @@ def run_export(
     fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ppl: dict[str, Any] = {}
     with _timed(timings, "eval_fp_torch_s"):
-        ppl["fp_torch"] = perplexity(torch_logits_fn(model), windows, "FP perplexity", progress)
+        reference = fp_reference(windows, torch_logits_fn(model), progress=progress)
+    ppl["fp_torch"] = reference.fp_perplexity
     log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
+    if config.validation.enabled and "decode_speedup" in config.validation.gates:
+        with _timed(timings, "fp32_onnx_speed_s"):
+            report["reference_speed"] = fp32_onnx_speed(model, config)
 
     kv_quantized = config.quant.activations.kv_bits < 16
     rotation = rotate_model(model, adapter, config.quant.rotation, kv_quantized)
@@ -174,7 +194,15 @@ def run_export(
             },
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_fp_reference(tmp, reference)
+        if config.validation.enabled:
+            with _timed(timings, "validate_s"):
+                validation = validate(tmp, list(config.validation.providers), config.validation.gates,
+                                      config.validation.threads, progress, report)  # fmt: skip
+            report["validation"] = validation.to_dict()
+            log.info("validation:\n%s", format_table(validation))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_handoff_files(tmp, report, source, data.calibration)
     if not report["onnx_parity"]["passed"]:
         log.warning(
             "ONNX differs from PyTorch: perplexity by %.2f%% (tolerance %.1f%%), top-1 agreement %.2f%% "
@@ -182,6 +210,44 @@ def run_export(
             rel * 100, ONNX_PARITY_TOLERANCE * 100, top1 * 100, MIN_TOP1_AGREEMENT * 100,
         )  # fmt: skip
     return report
+
+
+def fp32_onnx_speed(model, config: ExportConfig) -> dict[str, Any]:
+    """Decode speed of the unquantized model exported to FP32 ONNX, on this machine: what the
+    decode_speedup gate divides by."""
+    with tempfile.TemporaryDirectory(prefix="edgeq-fp32-") as tmp:
+        export_qdq(model, {}, Path(tmp), config.onnx_opset)
+        threads = config.validation.threads
+        speed = measure_decode(OrtCausalLM(tmp, ONNX_PROVIDER, threads=threads), 128, 64, repeats=5)
+    log.info("FP32 ONNX decode: %.1f tokens/s", speed["decode_tokens_per_s"]["p50"])
+    return {
+        "fp32_onnx_decode_tokens_per_s": speed["decode_tokens_per_s"]["p50"],
+        "fp32_onnx_prefill_ms": speed["prefill_ms"]["p50"],
+        "provider": ONNX_PROVIDER,
+        "threads": threads,
+        "machine": platform.platform(),
+    }
+
+
+def write_handoff_files(folder: Path, report: dict[str, Any], source, calibration_ids) -> None:
+    """What the receiving team reads: report.md with plots, MODEL_CARD.md, and manifest.json (last:
+    it hashes every other file)."""
+    write_report_md(report, folder)
+    write_model_card(folder, report)
+    weights = weight_files(source)
+    write_manifest(
+        folder,
+        source={
+            "spec": report["model"]["spec"],
+            "model_type": report["model"]["model_type"],
+            "weights_sha256": weights_sha256(weights) if weights else None,
+            "weight_files": [p.name for p in weights],
+        },
+        calibration_hash=calibration_sha256(calibration_ids),
+        metrics={key: report[key] for key in ("perplexity", "onnx_parity", "sizes_bytes") if key in report}
+        | ({"validation": report["validation"]} if "validation" in report else {}),
+        config=report["config"],
+    )
 
 
 def evaluate(

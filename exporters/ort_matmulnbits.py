@@ -152,7 +152,5 @@ def to_matmulnbits(info: OnnxExportInfo, accuracy_level: int = DEFAULT_ACCURACY_
     model = onnx.load(str(info.path))
     replaced = convert_to_matmulnbits(model, accuracy_level)
     if replaced != info.replaced_weights:
-        raise EdgeqError(
-            f"only {replaced} of {info.replaced_weights} int4 weights could become MatMulNBits"
-        )
+        raise EdgeqError(f"only {replaced} of {info.replaced_weights} int4 weights could become MatMulNBits")
     return write_model(model, info.path.parent, replaced)

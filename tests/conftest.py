@@ -68,18 +68,23 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def text_data_dir(tmp_path: Path, monkeypatch) -> Path:
+def write_text_data(root: Path) -> Path:
     """A data folder laid out like ../shared/data, with small synthetic texts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = tmp_path / "data"
     (root / "wikitext-2-raw").mkdir(parents=True)
     (root / "c4-sample").mkdir()
     lines = [" = Title = ", ""] + [f" sentence number {i} about things and more things ." for i in range(200)]
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
     docs = [" ".join(f"word{j} of document {i}." for j in range(30)) for i in range(20)]
     pq.write_table(pa.table({"text": docs}), root / "c4-sample" / "c4_validation_docs0-999.parquet")
+    return root
+
+
+@pytest.fixture
+def text_data_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A data folder laid out like ../shared/data, with small synthetic texts."""
+    root = write_text_data(tmp_path / "data")
     monkeypatch.setenv("EDGEQ_DATA_DIR", str(root))
     return root

@@ -135,6 +135,20 @@ def load_config(source: ModelSource) -> PretrainedConfig:
     return config
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def weight_files(source: ModelSource) -> list[Path]:
+    """The files holding the source model's weights (for the manifest's hash); none for a hub id
+    that was not downloaded into a local folder."""
+    if source.gguf_file:
+        return [Path(source.path) / source.gguf_file]
+    folder = Path(source.path)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
 def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.path, **source.load_kwargs())
 
