@@ -91,3 +91,19 @@ def test_runtime_tests_suite_passes_on_the_artifact(artifact, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "CUDAExecutionProvider" in proc.stdout  # skipped with its reason
     assert " passed" in proc.stdout
+
+
+def test_the_generate_example_runs_the_bundle(artifact):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "examples" / "generate_from_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main(str(artifact), "abc", new_tokens=6)
+    assert isinstance(text, str) and text.strip()
+
+
+def test_the_ci_workflow_example_validates_with_gates_and_junit():
+    workflow = (ROOT / "examples" / "ci-workflow.yml").read_text()
+    assert "edgeq --no-progress export" in workflow and "--gates gates.toml" in workflow
+    assert "--junit" in workflow and "edgeq verify" in workflow
