@@ -6,6 +6,9 @@ down_proj's input), then a per-token int grid fitted to each row of x at run tim
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from onnx import TensorProto
 from torch import nn
@@ -107,3 +110,23 @@ class QuantInputLinear(nn.Module):
             act = self.act
             x = PerTokenFakeQuant.apply(x, self.bits, act.symmetric, act.clip_ratio, self.linear.in_features)
         return self.linear(x)
+
+
+@contextlib.contextmanager
+def float_activations(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` with every activation and KV cache quantizer in it switched off (the FP stream
+    of a calibration that corrects toward the unquantized model)."""
+    saved: list[tuple[object, str, object]] = []
+    for m in module.modules():
+        if isinstance(m, QuantInputLinear):
+            saved.append((m, "quantize_input", m.quantize_input))
+            m.quantize_input = False
+        spec = getattr(m, "edgeq_kv", None)  # edgeq.kv_cache.KVQuant
+        if spec is not None:
+            saved.append((spec, "bits", spec.bits))
+            spec.bits = 16
+    try:
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)

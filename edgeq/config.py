@@ -84,6 +84,8 @@ class ActQuantConfig:
     [clip_ratio · min(x, 0), clip_ratio · max(x, 0)] range with a zero point.
     down_proj_bits: a different width for down_proj's input, the hardest activation (None = bits).
     kv_bits: keys (after RoPE) and values in the KV cache, asymmetric per token and head (16 = float).
+    calibrate_quantized: the weights are calibrated on the quantized activations they will see (each
+    block's own inputs and everything upstream); otherwise on float activations (QuaRot's recipe).
     """
 
     bits: int = 16
@@ -91,6 +93,7 @@ class ActQuantConfig:
     clip_ratio: float = 0.9
     down_proj_bits: int | None = None
     kv_bits: int = 16
+    calibrate_quantized: bool = True
 
     @property
     def enabled(self) -> bool:

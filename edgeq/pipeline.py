@@ -100,13 +100,19 @@ def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
 def enable_activation_quantization(model: nn.Module, adapter: Adapter, act: ActQuantConfig) -> None:
     """Per-token fake quantization on the input of every block linear (lm_head stays float), and of
     the KV cache when ``act.kv_bits`` asks for it."""
-    head_dim = adapter.attention_shape(model.config).head_dim
     for block in adapter.blocks(model):
-        for role in LINEAR_ROLES:
-            adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
-        attention = adapter.attention(block)
-        if act.kv_bits < 16 or hasattr(attention, "edgeq_kv"):
-            kv_spec(model, attention, head_dim).bits = act.kv_bits
+        quantize_block_activations(model, adapter, block, act)
+
+
+def quantize_block_activations(
+    model: nn.Module, adapter: Adapter, block: nn.Module, act: ActQuantConfig
+) -> None:
+    """Activation (and KV cache) quantization of one block as ``act`` sets it."""
+    for role in LINEAR_ROLES:
+        adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
+    attention = adapter.attention(block)
+    if act.kv_bits < 16 or hasattr(attention, "edgeq_kv"):
+        kv_spec(model, attention, adapter.attention_shape(model.config).head_dim).bits = act.kv_bits
 
 
 @torch.no_grad()
@@ -119,9 +125,9 @@ def quantize_model(
     progress: bool = True,
 ) -> QuantizationResult:
     """Quantize every decoder-block linear of ``model`` in place (weights become their dequantized
-    integer values) and return the integer weights by module name. The weights are calibrated on
-    float activations (of the model as it is, rotated or not); activation quantization, when the
-    config asks for it, is switched on at the end.
+    integer values) and return the integer weights by module name. With activation quantization,
+    each block's is switched on before its weights are calibrated (``calibrate_quantized``, the
+    default), so they see the activations they will get, or only at the end.
 
     calibration_ids: LongTensor [N, L].
     """
@@ -138,6 +144,8 @@ def quantize_model(
     bar = tqdm(blocks, desc=f"quantize {config.method}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         kwargs = [batch[index] for batch in inputs.kwargs]
+        if config.activations.enabled and config.activations.calibrate_quantized:
+            quantize_block_activations(model, adapter, block, config.activations)
         ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden)
         qweights = method.quantize_block(ctx)
         fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()

@@ -138,3 +138,28 @@ def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, 
 def test_unknown_rotation_names_are_not_silently_accepted():
     with pytest.raises(TypeError):
         RotationConfig(enabled=True, r5=True)
+
+
+@torch.no_grad()
+def test_weights_can_be_calibrated_on_the_quantized_activations():
+    """calibrate_quantized (the default) gives other weights than calibrating on float activations,
+    and the FP stream runs with every quantizer off."""
+    from edgeq.activations import float_activations
+
+    codes = {}
+    for calibrate in (True, False):
+        model = tiny_model("llama")
+        adapter = adapter_for(model)
+        config = scheme_preset("w4a4")
+        acts = dataclasses.replace(config.activations, calibrate_quantized=calibrate, kv_bits=4)
+        config = dataclasses.replace(config, method="gptq", activations=acts)
+        rotate_model(model, adapter, config.rotation, kv_quantized=True)
+        result = quantize_model(model, adapter, config, _ids(model, 16), progress=False)
+        codes[calibrate] = torch.cat([w.codes.flatten() for w in result.weights.values()])
+        block = adapter.blocks(model)[0]
+        with float_activations(block):
+            assert not adapter.input_quantizer(block, "q").quantize_input
+            assert adapter.attention(block).edgeq_kv.bits == 16
+        assert adapter.input_quantizer(block, "q").quantize_input
+        assert adapter.attention(block).edgeq_kv.bits == 4
+    assert not torch.equal(codes[True], codes[False])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from edgeq.activations import float_activations
 from edgeq.models.adapters import Adapter
 from edgeq.quant.boa import apply_rope
 
@@ -24,7 +25,8 @@ class BlockContext:
     arguments the model passed it. ``run`` records the block's outputs (with the weights it had
     when it ran), so the pipeline need not run the unquantized block twice.
 
-    fp_hidden: the same batches' hidden states in the unquantized model (the "FP stream"), kept only
+    fp_hidden: the same batches' hidden states in the unquantized model (the "FP stream": float
+    weights and float activations), kept only
     for methods that correct for the error of the blocks quantized before; ``run_fp`` records the
     block's FP-stream outputs, the next block's fp_hidden."""
 
@@ -49,7 +51,8 @@ class BlockContext:
         return out
 
     def run_fp(self, batch: int) -> torch.Tensor:
-        out = block_forward(self.block, self.fp_hidden[batch], self.kwargs[batch])
+        with float_activations(self.block):
+            out = block_forward(self.block, self.fp_hidden[batch], self.kwargs[batch])
         self.fp_outputs.append(out)
         return out
 
