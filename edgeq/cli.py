@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--symmetric", dest="symmetric", action="store_true", default=None, help="symmetric weight grid"
     )
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric weight grid")
+    export.add_argument(
+        "--quantize-embedding",
+        action="store_true",
+        default=None,
+        help="also put the embedding table on the weight grid (GatherBlockQuantized in the ort format)",
+    )
+    export.add_argument(
+        "--quantize-lm-head", action="store_true", default=None, help="also put lm_head on the weight grid"
+    )
     algo = export.add_argument_group("GPTQ / BoA options")
     algo.add_argument(
         "--no-act-order",
@@ -233,6 +242,8 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         rotation=rotation,
         gptq=gptq,
         boa=boa,
+        quantize_embedding=bool(args.quantize_embedding or quant.quantize_embedding),
+        quantize_lm_head=bool(args.quantize_lm_head or quant.quantize_lm_head),
     )
     return ExportConfig(
         model=args.model,

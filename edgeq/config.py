@@ -132,7 +132,12 @@ class RotationConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and with which algorithm."""
+    """What to quantize and with which algorithm.
+
+    quantize_embedding / quantize_lm_head: also put the embedding table and lm_head on the weights'
+    grid (round to nearest; lm_head is untied from the embedding first). Both stay float by default:
+    they are the most sensitive matrices and, in a small model, most of its bytes.
+    """
 
     scheme: str = "w4a16"
     method: str = "boa"
@@ -141,6 +146,8 @@ class QuantConfig:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     boa: BoAOptions = field(default_factory=BoAOptions)
+    quantize_embedding: bool = False
+    quantize_lm_head: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def run_export(
         tokenizer.save_pretrained(tmp)
         log.info("exporting ONNX (%s format)", config.format)
         with _timed(timings, "export_onnx_s"):
-            info = export_qdq(model, result.weights, tmp, config.onnx_opset)
+            info = export_qdq(model, result.weights, tmp, config.onnx_opset, tables=result.tables)
             if config.format == "ort":
                 info = to_matmulnbits(info)
         with _timed(timings, "eval_quant_s"):

@@ -21,6 +21,8 @@ from edgeq.kv_cache import kv_spec
 from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
 from edgeq.quant.block import BlockContext, block_forward
+from edgeq.quant.grid import rtn_quantize
+from edgeq.rotation.rotate import untie_lm_head
 
 
 @dataclass
@@ -42,7 +44,8 @@ class LayerStats:
 
 @dataclass
 class QuantizationResult:
-    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # linears (and lm_head)
+    tables: dict[str, QuantizedWeight] = field(default_factory=dict)  # the embedding, when quantized
     layers: list[LayerStats] = field(default_factory=list)
     block_output_rel_error: list[float] = field(default_factory=list)  # per block, on calibration data
     seconds: float = 0.0
@@ -116,6 +119,26 @@ def quantize_block_activations(
 
 
 @torch.no_grad()
+def quantize_embedding_and_head(
+    model: nn.Module, adapter: Adapter, config: QuantConfig, result: QuantizationResult
+) -> None:
+    """Round the embedding table and lm_head to the weights' grid when the config asks; a tied
+    lm_head is untied first, so each keeps its own (float or quantized) weight."""
+    if not (config.quantize_embedding or config.quantize_lm_head):
+        return
+    untie_lm_head(model, adapter)
+    parts = [
+        (adapter.embed_path, adapter.embedding(model), config.quantize_embedding, result.tables),
+        (adapter.lm_head_path, adapter.lm_head(model), config.quantize_lm_head, result.weights),
+    ]
+    for name, module, wanted, store in parts:
+        if wanted:
+            qweight = rtn_quantize(module.weight.data, config.weights)
+            module.weight.data.copy_(qweight.dequantize().to(module.weight.dtype))
+            store[name] = qweight
+
+
+@torch.no_grad()
 def quantize_model(
     model: nn.Module,
     adapter: Adapter,
@@ -170,5 +193,6 @@ def quantize_model(
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
     if config.activations.enabled:
         enable_activation_quantization(model, adapter, config.activations)
+    quantize_embedding_and_head(model, adapter, config, result)
     result.seconds = time.perf_counter() - start
     return result

@@ -58,21 +58,22 @@ def _digest(array: np.ndarray) -> str:
 
 
 def dequantize_linear_initializers(
-    name: str, qweight: QuantizedWeight
+    name: str, qweight: QuantizedWeight, transposed: bool = True
 ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
-    """Initializers and the DequantizeLinear node that compute Wᵀ [in, out] as ``name``.
+    """Initializers and the DequantizeLinear node that compute ``name``: Wᵀ [in, out] for a MatMul
+    (``transposed``), or W [out, in] itself for a Gather table (an embedding).
 
-    Blocked along axis 0 (the input axis of Wᵀ) with ``block_size = group_size``, or per output
-    channel (axis 1) when one group spans the whole input. Symmetric grids are stored as INT4 without
-    a zero point, asymmetric ones as UINT4 with a UINT4 zero point.
+    Blocked along the input axis with ``block_size = group_size``, or per output channel when one
+    group spans the whole input. Symmetric grids are stored as INT4 without a zero point, asymmetric
+    ones as UINT4 with a UINT4 zero point.
     """
-    codes = qweight.codes.numpy().T  # [in, out]
-    in_features, out_features = codes.shape
-    per_channel = qweight.group_size >= in_features
-    scale = qweight.scale.numpy().T.astype(np.float32)  # [n_groups, out]
-    zero = qweight.zero.numpy().T
+    codes, scale, zero = qweight.codes.numpy(), qweight.scale.numpy().astype(np.float32), qweight.zero.numpy()
+    if transposed:  # [in, out], scales [n_groups, out]
+        codes, scale, zero = codes.T, scale.T, zero.T
+    in_axis = 0 if transposed else 1
+    per_channel = qweight.group_size >= codes.shape[in_axis]
     if per_channel:
-        scale, zero = scale[0], zero[0]
+        scale, zero = scale.reshape(-1), zero.reshape(-1)
     if qweight.symmetric:
         values = codes.astype(np.int16) - 2 ** (qweight.bits - 1)
         dtype = TensorProto.INT4
@@ -80,7 +81,7 @@ def dequantize_linear_initializers(
         values, dtype = codes, TensorProto.UINT4
     q_name, s_name, z_name = f"{name}_q4", f"{name}_scale", f"{name}_zero_point"
     tensors = [
-        helper.make_tensor(q_name, dtype, [in_features, out_features], pack_int4(values), raw=True),
+        helper.make_tensor(q_name, dtype, list(codes.shape), pack_int4(values), raw=True),
         numpy_helper.from_array(scale, s_name),
     ]
     inputs = [q_name, s_name]
@@ -89,31 +90,40 @@ def dequantize_linear_initializers(
             helper.make_tensor(z_name, TensorProto.UINT4, list(zero.shape), pack_int4(zero), raw=True)
         )
         inputs.append(z_name)
-    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": qweight.group_size}
+    attrs = {"axis": 1 - in_axis} if per_channel else {"axis": in_axis, "block_size": qweight.group_size}
     node = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", **attrs)
     return tensors, node
 
 
-def replace_weights_with_qdq(graph_model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> int:
-    """Swap each quantized linear's float initializer (matched by value to Wᵀ) for int4 + DQ.
-    Returns how many initializers were replaced; every quantized weight must be found."""
-    wanted: dict[str, str] = {}
+def replace_weights_with_qdq(
+    graph_model: onnx.ModelProto,
+    weights: dict[str, QuantizedWeight],
+    tables: dict[str, QuantizedWeight] | None = None,
+) -> int:
+    """Swap each quantized linear's float initializer (matched by value to Wᵀ) and each quantized
+    Gather table (an embedding, matched by value to W) for int4 + DQ. Returns how many initializers
+    were replaced; every quantized weight must be found."""
+    wanted: dict[str, tuple[str, bool]] = {}
     for module_name, qweight in weights.items():
-        wanted.setdefault(_digest(qweight.dequantize().numpy().T), module_name)
+        wanted.setdefault(_digest(qweight.dequantize().numpy().T), (module_name, True))
+    for module_name, qweight in (tables or {}).items():
+        wanted.setdefault(_digest(qweight.dequantize().numpy()), (module_name, False))
+    everything = weights | (tables or {})
     graph = graph_model.graph
     kept, new_tensors, new_nodes, found = [], [], [], set()
     for init in graph.initializer:
-        module_name = None
+        match = None
         if init.data_type == TensorProto.FLOAT and len(init.dims) == 2:
-            module_name = wanted.get(_digest(numpy_helper.to_array(init)))
-        if module_name is None:
+            match = wanted.get(_digest(numpy_helper.to_array(init)))
+        if match is None:
             kept.append(init)
             continue
-        tensors, node = dequantize_linear_initializers(init.name, weights[module_name])
+        module_name, transposed = match
+        tensors, node = dequantize_linear_initializers(init.name, everything[module_name], transposed)
         new_tensors += tensors
         new_nodes.append(node)
         found.add(module_name)
-    missing = set(wanted.values()) - found
+    missing = {name for name, _ in wanted.values()} - found
     if missing:
         raise EdgeqError(
             f"{len(missing)} quantized weights were not found in the exported graph "
@@ -192,13 +202,18 @@ def _tensor_bytes(init: onnx.TensorProto) -> int:
 
 
 def component_bytes(model: onnx.ModelProto) -> dict[str, int]:
-    """Initializer bytes by component: ``embedding`` (feeds a Gather), ``lm_head`` (the weights of
-    the node producing ``logits``, reached through Transpose/Cast; 0 when tied to the embedding)
-    and ``blocks`` (everything else: block weights, norms, rotations)."""
+    """Initializer bytes by component: ``embedding`` (the table a Gather reads, float or int4),
+    ``lm_head`` (the weights of the node producing ``logits``, reached through Transpose, Cast or
+    DequantizeLinear; 0 when tied to the embedding) and ``blocks`` (everything else)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    embedding = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    embedding: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized"):
+            table = producer.get(node.input[0])
+            sources = table.input if table is not None and table.op_type == "DequantizeLinear" else node.input
+            embedding |= {name for name in sources if name in inits and name != node.input[1]}
     head: set[str] = set()
     frontier = [n for n in graph.node if "logits" in n.output]
     while frontier:
@@ -230,14 +245,21 @@ def save_onnx(graph_model: onnx.ModelProto, path: Path) -> bool:
     return external
 
 
-def export_qdq(model, weights: dict[str, QuantizedWeight], out_dir: Path, opset: int = 21) -> OnnxExportInfo:
-    """Write ``out_dir/model.onnx`` (+ config files) for a model whose quantized linears hold their
-    dequantized weights. Checked with ``onnx.checker`` (full_check)."""
+def export_qdq(
+    model,
+    weights: dict[str, QuantizedWeight],
+    out_dir: Path,
+    opset: int = 21,
+    tables: dict[str, QuantizedWeight] | None = None,
+) -> OnnxExportInfo:
+    """Write ``out_dir/model.onnx`` (+ config files) for a model whose quantized linears (and
+    quantized embedding, ``tables``) hold their dequantized weights. Checked with ``onnx.checker``
+    (full_check)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeq-onnx-") as tmp:
         fp_path = export_decoder_with_past(model, Path(tmp), opset)
         graph_model = onnx.load(str(fp_path))
-        replaced = replace_weights_with_qdq(graph_model, weights)
+        replaced = replace_weights_with_qdq(graph_model, weights, tables)
         narrow_activation_qdq(graph_model)
         for extra in Path(tmp).iterdir():
             if extra.suffix == ".json" and not (out_dir / extra.name).exists():

@@ -5,6 +5,8 @@ Every int4 ``DequantizeLinear → MatMul`` of an edgeq QDQ graph becomes one
 (uint4, low nibble first), scales [N · blocks], zero points packed [N · ceil(blocks / 2)] when the
 grid is asymmetric (a symmetric grid uses the kernel's implicit zero point 8). Per-channel grids
 repeat the channel's scale over blocks of PER_CHANNEL_BLOCK. Activation Q/DQ pairs in front stay.
+A quantized embedding, ``DequantizeLinear → Gather``, becomes ``com.microsoft::GatherBlockQuantized``
+(uint4 table and zero points, scales per row and block).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import EdgeqError
-from edgeq.packing import unpack_int4
+from edgeq.packing import pack_int4, unpack_int4
 from exporters.onnx_qdq import OnnxExportInfo, write_model
 
 PER_CHANNEL_BLOCK = 128
@@ -83,54 +85,110 @@ def _blocked(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
     return values.astype(np.uint8), np.asarray(scale), zero, block
 
 
+def _table(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
+    """GatherBlockQuantized's (data, scales, zero points, block_size) from an int4 DequantizeLinear of
+    a table W [rows, width] (blocked along axis 1, or per row along axis 0), or None."""
+    if dq.input[0] not in inits or inits[dq.input[0]].data_type not in (TensorProto.INT4, TensorProto.UINT4):
+        return None
+    q_init = inits[dq.input[0]]
+    values = _int4_array(q_init)
+    rows, width = values.shape
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    attrs = {a.name: a.i for a in dq.attribute}
+    if q_init.data_type == TensorProto.INT4:  # symmetric: shift codes, zero point 8
+        values = (values.astype(np.int16) + 8).astype(np.uint8)
+        zero = np.full(scale.shape, 8, np.uint8)
+    else:
+        zero = _int4_array(inits[dq.input[2]]).astype(np.uint8)
+    if attrs.get("axis", 1) == 0:  # one scale per row: repeat it over fixed blocks
+        block = PER_CHANNEL_BLOCK
+        blocks = -(-width // block)
+        scale = np.repeat(scale.reshape(rows, 1), blocks, axis=1)
+        zero = np.repeat(zero.reshape(rows, 1), blocks, axis=1)
+    else:
+        block = attrs["block_size"]
+    return values.astype(np.uint8), scale, zero, block
+
+
+def _gather_block_quantized(
+    dq: onnx.NodeProto, gather: onnx.NodeProto, table
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    values, scale, zero, block = table
+    base = dq.output[0]
+
+    def uint4(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.UINT4, list(array.shape), pack_int4(array), raw=True)
+
+    tensors = [uint4(f"{base}_uint4", values), numpy_helper.from_array(scale, f"{base}_scales"),
+               uint4(f"{base}_zero_points", zero)]  # fmt: skip
+    node = helper.make_node(
+        "GatherBlockQuantized",
+        [tensors[0].name, gather.input[1], tensors[1].name, tensors[2].name],
+        list(gather.output),
+        name=f"{base}_GatherBlockQuantized",
+        domain=MS_DOMAIN,
+        gather_axis=0, quantize_axis=1, block_size=block, bits=4,
+    )  # fmt: skip
+    return node, tensors
+
+
+def _matmulnbits(
+    dq: onnx.NodeProto, matmul: onnx.NodeProto, weight, accuracy_level: int, scale_dtype
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    codes, scale, zero, block = weight
+    k, n = codes.shape
+    b, scales, zp = matmulnbits_inputs(codes, scale, zero, block)
+    base = dq.output[0]
+    tensors = [numpy_helper.from_array(b, f"{base}_B"),
+               numpy_helper.from_array(scales.astype(scale_dtype), f"{base}_scales")]  # fmt: skip
+    if zp is not None:
+        tensors.append(numpy_helper.from_array(zp, f"{base}_zero_points"))
+    node = helper.make_node(
+        "MatMulNBits",
+        [matmul.input[0], *(t.name for t in tensors)],
+        list(matmul.output),
+        name=f"{base}_MatMulNBits",
+        domain=MS_DOMAIN,
+        K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
+    )  # fmt: skip
+    return node, tensors
+
+
 def convert_to_matmulnbits(
     model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, scale_dtype=np.float32
 ) -> int:
-    """Replace every int4 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits, in place.
-    Returns how many; scales stored as ``scale_dtype`` (float32 or float16)."""
+    """Replace every int4 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits (and an int4
+    embedding's DequantizeLinear → Gather by GatherBlockQuantized), in place. Returns how many;
+    MatMulNBits scales stored as ``scale_dtype`` (float32 or float16)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    drop_nodes, drop_inits, new_inits, replaced = [], set(), [], 0
+    replacements = []  # (dq, the node it fed, the node taking both places, new initializers)
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
-        weight = _blocked(dq, inits)
         users = consumers.get(dq.output[0], [])
-        matmul = users[0] if len(users) == 1 else None
-        if weight is None or matmul is None or matmul.op_type != "MatMul" or matmul.input[1] != dq.output[0]:
-            continue
-        codes, scale, zero, block = weight
-        k, n = codes.shape
-        b, scales, zp = matmulnbits_inputs(codes, scale, zero, block)
-        base = dq.output[0]
-        tensors = [numpy_helper.from_array(b, f"{base}_B"),
-                   numpy_helper.from_array(scales.astype(scale_dtype), f"{base}_scales")]  # fmt: skip
-        if zp is not None:
-            tensors.append(numpy_helper.from_array(zp, f"{base}_zero_points"))
-        node = helper.make_node(
-            "MatMulNBits",
-            [matmul.input[0], *(t.name for t in tensors)],
-            list(matmul.output),
-            name=f"{base}_MatMulNBits",
-            domain=MS_DOMAIN,
-            K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
-        )  # fmt: skip
-        new_inits += tensors
-        drop_inits.update(dq.input)
-        drop_nodes.append((dq, matmul, node))
-        replaced += 1
-    for dq, matmul, node in drop_nodes:
-        graph.node.insert(list(graph.node).index(matmul), node)
-        graph.node.remove(matmul)
+        user = users[0] if len(users) == 1 else None
+        if user is not None and user.op_type == "Gather" and user.input[0] == dq.output[0]:
+            table = _table(dq, inits)
+            if table is not None:
+                replacements.append((dq, user, *_gather_block_quantized(dq, user, table)))
+        elif user is not None and user.op_type == "MatMul" and user.input[1] == dq.output[0]:
+            weight = _blocked(dq, inits)
+            if weight is not None:
+                replacements.append((dq, user, *_matmulnbits(dq, user, weight, accuracy_level, scale_dtype)))
+    for dq, user, node, _ in replacements:
+        graph.node.insert(list(graph.node).index(user), node)
+        graph.node.remove(user)
         graph.node.remove(dq)
-    kept = [init for init in graph.initializer if init.name not in drop_inits]
+    dropped = {name for dq, *_ in replacements for name in dq.input}
+    kept = [init for init in graph.initializer if init.name not in dropped]
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    if replaced and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+    graph.initializer.extend(kept + [t for *_, tensors in replacements for t in tensors])
+    if replacements and not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return replaced
+    return len(replacements)
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:

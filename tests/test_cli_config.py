@@ -41,10 +41,13 @@ def test_w4a4_preset_and_its_overrides():
     config = _config(
         "--scheme", "w4a4", "--act-asymmetric", "--act-clip", "1.0", "--down-act-bits", "8",
         "--no-rotate", "--rotation-seed", "3", "--kv-bits", "4", "--format", "ort",
+        "--quantize-embedding", "--quantize-lm-head",
     )  # fmt: skip
     act, rot = config.quant.activations, config.quant.rotation
     assert (act.bits, act.symmetric, act.clip_ratio, act.down_proj_bits) == (4, False, 1.0, 8)
     assert act.bits_for("down") == 8 and act.bits_for("q") == 4
     assert (rot.enabled, rot.seed) == (False, 3)
     assert act.kv_bits == 4 and config.format == "ort"
+    assert config.quant.quantize_embedding and config.quant.quantize_lm_head
+    assert not _config("--scheme", "w4a4").quant.quantize_lm_head
     assert ExportConfig.from_dict(config.to_dict()) == config

@@ -191,3 +191,39 @@ def test_w4a4_ort_format_keeps_activation_qdq_in_front_of_matmulnbits(tmp_path):
         expected = model(ids, use_cache=False).logits
     got = OrtCausalLM(tmp_path, accuracy_level=0).logits(ids)
     assert torch.isclose(got, expected, rtol=1e-3, atol=1e-3).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("weights", [WeightQuantConfig(4, 16), WeightQuantConfig(4, -1, symmetric=True)],
+                         ids=["asym-g16", "sym-per-channel"])  # fmt: skip
+def test_int4_embedding_and_lm_head_in_both_formats(weights, tmp_path):
+    """Tied embedding and lm_head, each on its own int4 grid: DQ → Gather and DQ → MatMul in the qdq
+    format, GatherBlockQuantized and MatMulNBits in the ort format; both compute the PyTorch logits."""
+    import dataclasses
+
+    from exporters.ort_matmulnbits import to_matmulnbits
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    config = QuantConfig(method="rtn", weights=weights, quantize_embedding=True, quantize_lm_head=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(model, adapter_for(model), config, ids, progress=False)
+    assert set(result.tables) == {"model.embed_tokens"} and "lm_head" in result.weights
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    qdq = onnx_qdq.export_qdq(model, result.weights, tmp_path / "qdq", tables=result.tables)
+    assert qdq.replaced_weights == len(result.weights) + 1
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    torch.testing.assert_close(OrtCausalLM(tmp_path / "qdq").logits(ids), expected, rtol=1e-4, atol=1e-4)
+    import shutil
+
+    shutil.copytree(tmp_path / "qdq", tmp_path / "ort")
+    ort_info = to_matmulnbits(dataclasses.replace(qdq, path=tmp_path / "ort" / "model.onnx"))
+    ops = [n.op_type for n in onnx.load(str(ort_info.path)).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == len(result.weights)
+    torch.testing.assert_close(OrtCausalLM(tmp_path / "ort").logits(ids), expected, rtol=1e-4, atol=1e-4)
+    assert (
+        ort_info.components["embedding"] < 0.2 * qdq.components["blocks"] + ort_info.components["embedding"]
+    )
+    assert ort_info.bytes_total < qdq.bytes_total * 1.2
