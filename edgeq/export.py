@@ -49,6 +49,32 @@ FORMATS = ("qdq", "ort")
 ONNX_PARITY_TOLERANCE = 0.005
 # ... and agree with its greedy next-token choice on at least this share of positions.
 MIN_TOP1_AGREEMENT = 0.99
+# With quantized activations, the last-bit float differences between two runtimes move values across
+# rounding boundaries, and the flips cascade through the layers: PyTorch float32 and float64 runs of
+# one W4A4 SmolLM2 agree on only 42% of greedy tokens. Parity is then statistical: perplexity within
+# this tolerance, top-1 agreement reported but not required.
+ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS = 0.02
+
+
+def parity(quant_ppl: float, onnx_ppl: float, top1: float, activations_quantized: bool) -> dict[str, Any]:
+    """The export's ONNX-vs-PyTorch parity verdict (see the tolerances above)."""
+    rel = abs(onnx_ppl - quant_ppl) / quant_ppl
+    tolerance = ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS if activations_quantized else ONNX_PARITY_TOLERANCE
+    min_top1 = None if activations_quantized else MIN_TOP1_AGREEMENT
+    return {
+        "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs the PyTorch fake-quantized model: "
+        "relative perplexity difference and greedy top-1 agreement"
+        + (
+            " (not required with quantized activations: rounding flips cascade)"
+            if activations_quantized
+            else ""
+        ),
+        "relative_difference": rel,
+        "tolerance": tolerance,
+        "top1_agreement": top1,
+        "min_top1_agreement": min_top1,
+        "passed": rel <= tolerance and (min_top1 is None or top1 >= min_top1),
+    }
 
 
 def validate_inputs(config: ExportConfig) -> None:
@@ -162,20 +188,12 @@ def run_export(
         level4 = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_4"]
         log.info("quantized perplexity: PyTorch %.3f, ONNX Runtime CPU %.3f (accuracy level 4: %.3f)",
                  ppl["quant_torch"], ppl_onnx, level4)  # fmt: skip
-        rel = abs(ppl_onnx - ppl["quant_torch"]) / ppl["quant_torch"]
         top1 = agreement[ONNX_PROVIDER]["accuracy_level_0"]
+        acts_quantized = config.quant.activations.enabled or config.quant.activations.kv_bits < 16
         report |= {
             "perplexity": ppl,
             "top1_agreement_with_pytorch": agreement,
-            "onnx_parity": {
-                "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs the PyTorch fake-quantized "
-                "model: relative perplexity difference and greedy top-1 agreement",
-                "relative_difference": rel,
-                "tolerance": ONNX_PARITY_TOLERANCE,
-                "top1_agreement": top1,
-                "min_top1_agreement": MIN_TOP1_AGREEMENT,
-                "passed": rel <= ONNX_PARITY_TOLERANCE and top1 >= MIN_TOP1_AGREEMENT,
-            },
+            "onnx_parity": parity(ppl["quant_torch"], ppl_onnx, top1, acts_quantized),
             "sizes_bytes": {
                 "fp32_parameters": fp_bytes,
                 "onnx_model": info.bytes_total,
@@ -203,12 +221,11 @@ def run_export(
             log.info("validation:\n%s", format_table(validation))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         write_handoff_files(tmp, report, source, data.calibration)
-    if not report["onnx_parity"]["passed"]:
-        log.warning(
-            "ONNX differs from PyTorch: perplexity by %.2f%% (tolerance %.1f%%), top-1 agreement %.2f%% "
-            "(at least %.0f%%)",
-            rel * 100, ONNX_PARITY_TOLERANCE * 100, top1 * 100, MIN_TOP1_AGREEMENT * 100,
-        )  # fmt: skip
+    check = report["onnx_parity"]
+    if not check["passed"]:
+        log.warning("ONNX differs from PyTorch: perplexity by %.2f%% (tolerance %.1f%%), top-1 agreement "
+                    "%.2f%% (required: %s)", check["relative_difference"] * 100, check["tolerance"] * 100,
+                    top1 * 100, check["min_top1_agreement"])  # fmt: skip
     return report
 
 
