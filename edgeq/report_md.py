@@ -33,7 +33,9 @@ TIMING_LABELS = {
     "eval_rotated_torch_s": "Evaluate rotated model (PyTorch)",
     "quantize_s": "Quantize",
     "export_onnx_s": "Export ONNX",
-    "eval_quant_s": "Evaluate quantized model",
+    "eval_quant_s": "Evaluate quantized model (PyTorch and ONNX Runtime)",
+    "fp32_onnx_speed_s": "Export and time the FP32 ONNX reference",
+    "validate_s": "Validate (gates, generation, latency)",
 }
 
 
