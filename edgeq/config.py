@@ -6,6 +6,7 @@ A scheme (``w4a16``) is a preset of these objects; every field stays overridable
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +209,8 @@ class ExportConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples as lists), as ``edgeq_config.json`` holds them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportConfig:
