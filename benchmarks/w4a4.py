@@ -4,10 +4,10 @@
 
 Main table (the w4a4 scheme: per-channel symmetric int4 weights, per-token symmetric int4
 activations with clip 0.9, KV cache in float): no rotation + RTN, rotation + RTN / GPTQ / BoA.
-Limits table: one quantized model evaluated under other activation settings (the weights are
-calibrated on float activations, so they do not depend on them): FP weights with int4 activations
-isolates the activations' share, A16 the weights' share; asymmetric activations, clip 1.0 and an
-8-bit down_proj input show what moves it.
+Limits table: one quantized model evaluated under other activation settings (its weights were
+calibrated on the w4a4 activations; re-calibrating for each setting would move each row a little):
+FP weights with int4 activations isolate the activations' share, A16 the weights' share;
+asymmetric activations, clip 1.0 and an 8-bit down_proj input show what moves it.
 
 Writes benchmarks/results/w4a4.json (with machine and versions) and w4a4.md, and puts the tables into
 README.md between the W4A4 markers. Every number comes from this run.
