@@ -69,3 +69,11 @@ def update_readme(table: str, marker: str, readme: Path = ROOT / "README.md") ->
     if start in text and end in text:
         pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
         readme.write_text(pattern.sub(lambda _m: f"{start}\n{table}{end}", text))
+
+
+def publish(table: str, path: Path, marker: str, readme: bool) -> None:
+    """Write a benchmark's Markdown table to ``path`` and, when asked, into the README."""
+    path.write_text(table)
+    if readme:
+        update_readme(table, marker)
+    print(table)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, update_readme
+from common import add_data_arguments, load_data, machine_and_versions, publish
 
 from edgeq.config import scheme_preset
 from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
@@ -152,11 +152,7 @@ def markdown(results: dict) -> str:
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:
-    table = markdown(results)
-    (out / "onnx_formats.md").write_text(table)
-    if readme:
-        update_readme(table, README_MARKER)
-    print(table)
+    publish(markdown(results), out / "onnx_formats.md", README_MARKER, readme)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, update_readme
+from common import add_data_arguments, load_data, machine_and_versions, publish
 
 from edgeq.config import ActQuantConfig, RotationConfig, scheme_preset
 from edgeq.evaluation import perplexity, torch_logits_fn
@@ -159,11 +159,7 @@ def markdown(results: dict) -> str:
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:
-    table = markdown(results)
-    (out / "w4a4.md").write_text(table)
-    if readme:
-        update_readme(table, README_MARKER)
-    print(table)
+    publish(markdown(results), out / "w4a4.md", README_MARKER, readme)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, update_readme
+from common import add_data_arguments, load_data, machine_and_versions, publish
 
 from edgeq.config import PER_CHANNEL, QuantConfig, WeightQuantConfig
 from edgeq.evaluation import perplexity, torch_logits_fn
@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:
-    table = markdown(results)
-    (out / "weight_only.md").write_text(table)
-    if readme:
-        update_readme(table, README_MARKER)
-    print(table)
+    publish(markdown(results), out / "weight_only.md", README_MARKER, readme)
 
 
 if __name__ == "__main__":

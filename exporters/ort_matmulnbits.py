@@ -62,52 +62,48 @@ def matmulnbits_inputs(
     return b, scales, _nibbles(zp).reshape(-1)
 
 
-def _blocked(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
-    """(codes uint8 [K, N], scale [blocks, N], zero uint8 [blocks, N] | None, block_size) of an int4
-    weight DequantizeLinear, or None for anything else."""
+def _int4_grid(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], in_axis: int):
+    """(codes uint8 0..15 as stored, scale [blocks, outputs], zero uint8 [blocks, outputs] or None for a
+    symmetric grid (the kernels' implicit zero point 8), block_size) of an int4 DequantizeLinear whose
+    input (reduction) axis is ``in_axis``; None for anything else. A per-channel grid repeats each
+    channel's scale over blocks of PER_CHANNEL_BLOCK."""
     if dq.input[0] not in inits or inits[dq.input[0]].data_type not in (TensorProto.INT4, TensorProto.UINT4):
         return None
     q_init = inits[dq.input[0]]
     values = _int4_array(q_init)
-    k, n = values.shape
+    width, outputs = values.shape[in_axis], values.shape[1 - in_axis]
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
     zero = _int4_array(inits[dq.input[2]]).astype(np.uint8) if len(dq.input) > 2 and dq.input[2] else None
-    attrs = {a.name: a.i for a in dq.attribute}
-    if q_init.data_type == TensorProto.INT4:  # symmetric: shift to the kernel's zero point 8
+    if q_init.data_type == TensorProto.INT4:  # symmetric: shift to the kernels' zero point 8
         values = (values.astype(np.int16) + 8).astype(np.uint8)
-    if attrs.get("axis", 1) == 1:  # per output channel: repeat over fixed blocks
+    attrs = {a.name: a.i for a in dq.attribute}
+    if attrs.get("axis", 1) != in_axis:  # one scale per output channel
         block = PER_CHANNEL_BLOCK
-        blocks = -(-k // block)
-        scale = np.broadcast_to(scale.reshape(1, n), (blocks, n))
-        zero = None if zero is None else np.broadcast_to(zero.reshape(1, n), (blocks, n))
+        blocks = -(-width // block)
+        scale = np.broadcast_to(scale.reshape(1, outputs), (blocks, outputs))
+        zero = None if zero is None else np.broadcast_to(zero.reshape(1, outputs), (blocks, outputs))
     else:
         block = attrs["block_size"]
+        if in_axis == 1:  # stored [outputs, blocks]
+            scale, zero = scale.T, None if zero is None else zero.T
     return values.astype(np.uint8), np.asarray(scale), zero, block
 
 
+def _blocked(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
+    """MatMulNBits' view of a weight Wᵀ [K, N]: (codes, scale [blocks, N], zero | None, block_size)."""
+    return _int4_grid(dq, inits, in_axis=0)
+
+
 def _table(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
-    """GatherBlockQuantized's (data, scales, zero points, block_size) from an int4 DequantizeLinear of
-    a table W [rows, width] (blocked along axis 1, or per row along axis 0), or None."""
-    if dq.input[0] not in inits or inits[dq.input[0]].data_type not in (TensorProto.INT4, TensorProto.UINT4):
+    """GatherBlockQuantized's (data [rows, width], scales [rows, blocks], zero points [rows, blocks],
+    block_size) from an int4 DequantizeLinear of a table W [rows, width], or None."""
+    grid = _int4_grid(dq, inits, in_axis=1)
+    if grid is None:
         return None
-    q_init = inits[dq.input[0]]
-    values = _int4_array(q_init)
-    rows, width = values.shape
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    attrs = {a.name: a.i for a in dq.attribute}
-    if q_init.data_type == TensorProto.INT4:  # symmetric: shift codes, zero point 8
-        values = (values.astype(np.int16) + 8).astype(np.uint8)
+    values, scale, zero, block = grid
+    if zero is None:
         zero = np.full(scale.shape, 8, np.uint8)
-    else:
-        zero = _int4_array(inits[dq.input[2]]).astype(np.uint8)
-    if attrs.get("axis", 1) == 0:  # one scale per row: repeat it over fixed blocks
-        block = PER_CHANNEL_BLOCK
-        blocks = -(-width // block)
-        scale = np.repeat(scale.reshape(rows, 1), blocks, axis=1)
-        zero = np.repeat(zero.reshape(rows, 1), blocks, axis=1)
-    else:
-        block = attrs["block_size"]
-    return values.astype(np.uint8), scale, zero, block
+    return values, np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T), block
 
 
 def _gather_block_quantized(
