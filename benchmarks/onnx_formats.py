@@ -36,6 +36,7 @@ from exporters.ort_matmulnbits import to_matmulnbits
 README_MARKER = "onnx format results"
 SCHEMES = ("w4a16", "w4a4")
 LEVELS = (0, 4)
+METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA"}
 
 
 def _speed(folder: Path, threads: int, repeats: int) -> dict:
@@ -118,8 +119,9 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     fp = results["rows"][0]
     fp_speed = fp["speed"]["decode_tokens_per_s"]["p50"]
+    method = METHOD_NAMES.get(results["method"], results["method"])
     lines = [
-        f"Model `{results['model']}`, weights by {results['method'].upper()}; perplexity on WikiText-2 test, "
+        f"Model `{results['model']}`, weights by {method}; perplexity on WikiText-2 test, "
         f"{results['eval_windows']} windows of {s['eval_seq_len']} tokens; ONNX Runtime CPU, "
         f"MatMulNBits accuracy level 0 (level 4 in brackets); top-1: greedy agreement with the PyTorch "
         f"fake-quantized model; decode: {fp['speed']['prompt_tokens']}-token prompt, "
