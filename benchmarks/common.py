@@ -4,8 +4,10 @@ and writing a table into README.md between a pair of markers."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -77,3 +79,19 @@ def publish(table: str, path: Path, marker: str, readme: bool) -> None:
     if readme:
         update_readme(table, marker)
     print(table)
+
+
+def save_results(args: argparse.Namespace, name: str, windows, **fields) -> dict:
+    """The results of one benchmark run, with its settings, command line, machine and versions,
+    written to ``args.out / f"{name}.json"``; returns them."""
+    results = {
+        "model": args.model,
+        "eval_windows": windows.shape[0],
+        "settings": vars(args) | {"out": str(args.out)},
+        **fields,
+        "command": " ".join([f"python benchmarks/{name}.py", *sys.argv[1:]]),
+        **machine_and_versions(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

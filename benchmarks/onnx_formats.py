@@ -17,11 +17,10 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, publish
+from common import add_data_arguments, load_data, publish, save_results
 
 from edgeq.config import scheme_preset
 from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
@@ -101,17 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{scheme} {fmt}: {rows[-1]['perplexity']} vs torch {torch_ppl:.3f}, "
                       f"{speed['decode_tokens_per_s']['p50']:.1f} tokens/s", flush=True)  # fmt: skip
             del model
-    results = {
-        "model": args.model,
-        "method": args.method,
-        "eval_windows": windows.shape[0],
-        "settings": vars(args) | {"out": str(args.out)},
-        "rows": rows,
-        "command": " ".join(["python benchmarks/onnx_formats.py", *sys.argv[1:]]),
-        **machine_and_versions(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "onnx_formats.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = save_results(args, "onnx_formats", windows, method=args.method, rows=rows)
     write_tables(results, args.out, not args.no_readme)
 
 

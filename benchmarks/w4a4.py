@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, publish
+from common import add_data_arguments, load_data, publish, save_results
 
 from edgeq.config import ActQuantConfig, RotationConfig, scheme_preset
 from edgeq.evaluation import perplexity, torch_logits_fn
@@ -103,19 +102,15 @@ def main(argv: list[str] | None = None) -> None:
                                  "config": dataclasses.asdict(act)})  # fmt: skip
                 print(f"{label:24s} {name:32s} ppl {ppl:10.3f}", flush=True)
         del model
-    results = {
-        "model": args.model,
-        "fp_perplexity": fp_ppl,
-        "eval_windows": windows.shape[0],
-        "settings": vars(args) | {"out": str(args.out)},
-        "rotation": rotation_report,
-        "rows": rows,
-        "activation_variants": variants,
-        "command": " ".join(["python benchmarks/w4a4.py", *sys.argv[1:]]),
-        **machine_and_versions(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "w4a4.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = save_results(
+        args,
+        "w4a4",
+        windows,
+        fp_perplexity=fp_ppl,
+        rotation=rotation_report,
+        rows=rows,
+        activation_variants=variants,
+    )
     write_tables(results, args.out, not args.no_readme)
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-from common import add_data_arguments, load_data, machine_and_versions, publish
+from common import add_data_arguments, load_data, publish, save_results
 
 from edgeq.config import PER_CHANNEL, QuantConfig, WeightQuantConfig
 from edgeq.evaluation import perplexity, torch_logits_fn
@@ -101,17 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             del model
-    results = {
-        "model": args.model,
-        "fp_perplexity": fp_ppl,
-        "eval_windows": windows.shape[0],
-        "settings": vars(args) | {"out": str(args.out)},
-        "rows": rows,
-        "command": " ".join(["python benchmarks/weight_only.py", *sys.argv[1:]]),
-        **machine_and_versions(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "weight_only.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = save_results(args, "weight_only", windows, fp_perplexity=fp_ppl, rows=rows)
     write_tables(results, args.out, not args.no_readme)
 
 
