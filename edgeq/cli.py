@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         default="qdq",
         help="qdq: standard ONNX int4 QuantizeLinear/DequantizeLinear (what NPU toolchains compile); "
-        "ort: weights packed for ONNX Runtime's MatMulNBits, the fast CPU/CUDA path (default %(default)s)",
+        "ort: ONNX Runtime's fast CPU/CUDA path: MatMulNBits weights in a graph of ORT's fused operators "
+        "(GroupQueryAttention, SkipSimplifiedLayerNormalization) where the model allows, otherwise in "
+        "optimum's graph (default %(default)s)",
     )
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

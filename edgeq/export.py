@@ -36,8 +36,8 @@ from edgeq.validate import (
     validate,
     write_fp_reference,
 )
+from exporters import export_onnx
 from exporters.onnx_qdq import export_qdq
-from exporters.ort_matmulnbits import to_matmulnbits
 
 log = logging.getLogger("edgeq")
 
@@ -173,9 +173,9 @@ def run_export(
         tokenizer.save_pretrained(tmp)
         log.info("exporting ONNX (%s format)", config.format)
         with _timed(timings, "export_onnx_s"):
-            info = export_qdq(model, result.weights, tmp, config.onnx_opset, tables=result.tables)
-            if config.format == "ort":
-                info = to_matmulnbits(info)
+            info = export_onnx(model, adapter, result, tmp, config.format, config.onnx_opset)
+        if info.not_fused:
+            log.info("ort format in optimum's graph, not the fused one: %s", "; ".join(info.not_fused))
         with _timed(timings, "eval_quant_s"):
             levels = {f"accuracy_level_{lvl}": OrtCausalLM(tmp, ONNX_PROVIDER, lvl).logits for lvl in (0, 4)}
             compared = perplexities_and_agreement(
@@ -203,6 +203,8 @@ def run_export(
             "onnx": {
                 "file": info.path.name,
                 "format": config.format,
+                "graph": info.graph,
+                "not_fused": list(info.not_fused),
                 "opset": config.onnx_opset,
                 "quantized_weights": info.replaced_weights,
             },

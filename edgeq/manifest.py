@@ -207,12 +207,18 @@ def _yes(value: Any) -> str:
     return {True: "passed", False: "**failed**"}.get(value, "—")
 
 
-def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any]) -> list[str]:
+def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], graph: str = "") -> list[str]:
     """What runs natively and what is emulated, per runtime: the part a receiving team gets wrong."""
     weights, acts = quant.get("weights", {}), quant.get("activations") or {}
     wbits, abits, kv_bits = weights.get("bits"), acts.get("bits", 16), acts.get("kv_bits", 16)
     container = "" if wbits == 4 else f" (int{wbits} values stored in int4 containers)"
-    if fmt == "ort":
+    if fmt == "ort" and graph == "fused":
+        how = (
+            "packed for `com.microsoft::MatMulNBits` in a graph of ONNX Runtime's fused operators "
+            "(`GroupQueryAttention` with RoPE and the KV cache, `SkipSimplifiedLayerNormalization`): "
+            "the graph needs ONNX Runtime's contrib operators, other runtimes cannot load it"
+        )
+    elif fmt == "ort":
         how = "packed for `com.microsoft::MatMulNBits`"
     else:
         how = "int4 `DequantizeLinear → MatMul` (standard ONNX), which ORT fuses into `MatMulNBits`"
@@ -350,7 +356,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
         "",
         "## What runs natively and what is emulated",
         "",
-        *_runtime_notes(quant, fmt, rotation),
+        *_runtime_notes(quant, fmt, rotation, onnx_info.get("graph", "")),
         "",
         "## What it was validated on",
         "",

@@ -343,7 +343,11 @@ def _onnx_rows(report: dict) -> list[tuple[str, str]]:
     fmt = onnx.get("format", _get(report, "config", "format", default="?"))
     text = f"opset {opset}, {fmt} format, `{onnx.get('file', DASH)}`"
     if onnx.get("quantized_weights") is not None:
-        text += f", {onnx['quantized_weights']} quantized weights"
+        text += f", {onnx['quantized_weights']} quantized weight nodes"
+    if onnx.get("graph") == "fused":
+        text += "; graph of ORT's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization)"
+    elif onnx.get("not_fused"):
+        text += "; optimum's graph, not the fused one: " + "; ".join(onnx["not_fused"])
     return [("ONNX", text)]
 
 

@@ -28,16 +28,23 @@ from edgeq.quant.grid import QuantizedWeight
 # Protobuf cannot serialize a single file over 2 GiB; above this the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MODEL_FILE = "model.onnx"
+DEFAULT_OPSET = 21  # int4 blocked DequantizeLinear
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
 
 @dataclass(frozen=True)
 class OnnxExportInfo:
+    """What was written. replaced_weights: int4 weight nodes in the graph (the fused graph's one
+    q/k/v matmul counts once); graph: "optimum" (the traced export) or "fused" (``ort_fused``);
+    not_fused: why the ort format could not use the fused graph."""
+
     path: Path
     replaced_weights: int
     bytes_total: int
     external_data: bool
     components: dict[str, int]  # initializer bytes: embedding, blocks, lm_head
+    graph: str = "optimum"
+    not_fused: tuple[str, ...] = ()
 
 
 def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
@@ -249,7 +256,7 @@ def export_qdq(
     model,
     weights: dict[str, QuantizedWeight],
     out_dir: Path,
-    opset: int = 21,
+    opset: int = DEFAULT_OPSET,
     tables: dict[str, QuantizedWeight] | None = None,
 ) -> OnnxExportInfo:
     """Write ``out_dir/model.onnx`` (+ config files) for a model whose quantized linears (and

@@ -33,9 +33,13 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model; ``overrides`` set config fields (e.g. head_dim=16)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    config = TINY_CONFIGS[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
     if model_type == "qwen2":  # random q/k/v biases, so the bias path is exercised
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

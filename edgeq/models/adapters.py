@@ -57,6 +57,9 @@ class Adapter:
     ``attention_type`` ("" when the architecture has one kind of attention layer).
     inexact_rotations: rotations (``r1``, ``r2``, ``r4``) that would change this architecture's
     function, with the reason; the rotation step skips them and reports why.
+    rotary_path: the model's rotary embedding module (called as ``rotary(x, position_ids)``).
+    fused_graph_unsupported: why ORT's fused decoder graph (``exporters.ort_fused``) cannot express
+    this architecture ("" = it can); the ort format then converts optimum's graph instead.
     """
 
     name: str
@@ -76,6 +79,8 @@ class Adapter:
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
     inexact_rotations: dict[str, str] = field(default_factory=dict)
+    rotary_path: str = "model.rotary_emb"
+    fused_graph_unsupported: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -136,6 +141,9 @@ class Adapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)
 
+    def rotary(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.rotary_path)
+
     def attention_shape(self, config: PretrainedConfig) -> AttentionShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -160,6 +168,8 @@ GEMMA3 = Adapter(
         "r1": "the post-attention and post-feedforward norms sit on the residual branch, "
         "so a residual-stream rotation does not commute with them"
     },
+    fused_graph_unsupported="q/k norms, residual-branch norms, GELU, embedding scaling and sliding-window "
+    "layers are not in ORT's fused decoder operators",
     rope_kwargs={
         "full_attention": "position_embeddings_global",
         "sliding_attention": "position_embeddings_local",

@@ -29,7 +29,7 @@ import torch
 
 from edgeq.config import BoAOptions, GPTQOptions, WeightQuantConfig
 from edgeq.quant.gptq import column_factor, dampen, gptq_sweep, inverse_cholesky_upper
-from edgeq.quant.grid import QuantizedWeight
+from edgeq.quant.grid import QuantizedWeight, concat_rows
 
 # ---------------------------------------------------------------------------------------------
 # RoPE and the row Hessians
@@ -115,24 +115,6 @@ class AttentionStatistics:
 # The Kronecker-factored sweep
 
 
-def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    first = parts[0]
-    return QuantizedWeight(
-        torch.cat([p.codes for p in parts]),
-        torch.cat([p.scale for p in parts]),
-        torch.cat([p.zero for p in parts]),
-        first.bits,
-        first.group_size,
-        first.symmetric,
-    )
-
-
-def _rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
-    return QuantizedWeight(
-        q.codes[start:stop], q.scale[start:stop], q.zero[start:stop], q.bits, q.group_size, q.symmetric
-    )
-
-
 def kronecker_quantize(
     w: torch.Tensor,
     h_row: torch.Tensor,
@@ -162,7 +144,7 @@ def kronecker_quantize(
         if shared:  # every head's row block in one sweep
             f = factors[0]
             q = gptq_sweep(w3[:, r0:r1].reshape(-1, d_in), f.u, config, f.h_diag, gptq, f.perm)
-            parts = [_rows(q, h * n, (h + 1) * n) for h in range(heads)]
+            parts = [q.rows(h * n, (h + 1) * n) for h in range(heads)]
         else:
             parts = [
                 gptq_sweep(w3[g, r0:r1], f.u, config, f.h_diag, gptq, f.perm) for g, f in enumerate(factors)
@@ -174,7 +156,7 @@ def kronecker_quantize(
             lower = u_row[:, r0:r1, r0:r1].transpose(1, 2)
             scaled = torch.linalg.solve_triangular(lower, delta, upper=False)
             w3[:, r1:] -= u_row[:, r0:r1, r1:].transpose(1, 2) @ scaled
-    return _stack([part for rows in per_head for part in rows])
+    return concat_rows([part for rows in per_head for part in rows])
 
 
 def kronecker_loss(delta: torch.Tensor, h_row: torch.Tensor, h_col: torch.Tensor) -> float:

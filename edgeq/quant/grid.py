@@ -37,12 +37,33 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """The output rows start:stop."""
+        return QuantizedWeight(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
+                               self.bits, self.group_size, self.symmetric)  # fmt: skip
+
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in]: (q - z) · s, computed as ONNX DequantizeLinear computes it."""
         in_features = self.codes.shape[1]
         zero = expand_groups(self.zero, self.group_size, in_features).to(torch.int32)
         scale = expand_groups(self.scale, self.group_size, in_features)
         return (self.codes.to(torch.int32) - zero).to(torch.float32) * scale
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack the rows (outputs) of weights on the same grid: [out_i, in] → [Σ out_i, in]."""
+    first = parts[0]
+    grid = (first.bits, first.group_size, first.symmetric)
+    if any((p.bits, p.group_size, p.symmetric) != grid for p in parts):
+        raise ValueError("concat_rows needs weights on the same grid (bits, group size, symmetry)")
+    return QuantizedWeight(
+        torch.cat([p.codes for p in parts]),
+        torch.cat([p.scale for p in parts]),
+        torch.cat([p.zero for p in parts]),
+        first.bits,
+        first.group_size,
+        first.symmetric,
+    )
 
 
 def num_groups(in_features: int, group_size: int) -> int:
