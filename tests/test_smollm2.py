@@ -222,3 +222,34 @@ def test_rotation_is_what_makes_w4a4_work():
         quantize_model(model, adapter, config, data.calibration, progress=False)
         ppl[rotate] = perplexity(torch_logits_fn(model), data.evaluation, progress=False)
     assert ppl[False] > 5 * ppl[True]
+
+
+def test_fused_ort_graph_on_smollm2_matches_pytorch(tmp_path):
+    """The ort format's fused graph on the real model at group 128: hidden 576 = 4.5 × 128, so every
+    q/k/v/gate/up row has five blocks (an odd count: one packed zero-point byte holds half a pair)."""
+    from collections import Counter
+
+    import onnx
+
+    from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement
+    from exporters import export_onnx
+
+    source = resolve_model("smollm2-135m")
+    data = prepare_text_data(
+        load_tokenizer(source), CalibrationConfig(None, 2, 128), EvalConfig(None, 512, 3)
+    )
+    model = load_model(source)
+    adapter = adapter_for(model)
+    config = QuantConfig(method="rtn", weights=WeightQuantConfig(bits=4, group_size=128, symmetric=False))
+    result = quantize_model(model, adapter, config, data.calibration, progress=False)
+    info = export_onnx(model, adapter, result, tmp_path, "ort")
+    assert info.graph == "fused"
+    ops = Counter(n.op_type for n in onnx.load(str(info.path), load_external_data=False).graph.node)
+    assert ops["GroupQueryAttention"] == 30 and ops["MatMulNBits"] == 5 * 30
+    compared = perplexities_and_agreement(
+        torch_logits_fn(model), {"ort": OrtCausalLM(tmp_path, accuracy_level=0).logits}, data.evaluation,
+        "fused", progress=False,
+    )  # fmt: skip
+    torch_ppl = compared["reference"]
+    assert abs(compared["ort"]["perplexity"] - torch_ppl) / torch_ppl < 0.005
+    assert compared["ort"]["top1_agreement"] > 0.99
