@@ -257,3 +257,29 @@ def test_fp_stream_follows_the_unquantized_model():
             out = adapter.final_norm(reference)(out)
         torch.testing.assert_close(out, hidden[index + 1][2 * batch : 2 * batch + 2], rtol=1e-4, atol=1e-5)
     assert len(captured) == 2 * model.config.num_hidden_layers
+
+
+def test_value_loss_through_o_proj_is_kronecker_exact_per_head():
+    """With one query head per key/value head, tr(H_row ΔV H_col ΔVᵀ) with H_row = W_O,hᵀ W_O,h and
+    H_col = 2 X Aᵀ A Xᵀ is exactly 2‖W_O,h ΔV_h X Aᵀ‖², the error V's error leaves in the residual."""
+    from edgeq.quant.boa import value_row_hessians
+
+    g = torch.Generator().manual_seed(0)
+    heads, hd, d, length = 3, 8, 24, 10
+    w_o = torch.randn(d, heads * hd, generator=g, dtype=torch.float64)
+    delta = torch.randn(heads * hd, d, generator=g, dtype=torch.float64)
+    x = torch.randn(length, d, generator=g, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(heads, length, length, generator=g, dtype=torch.float64), -1).tril()
+    h_row = value_row_hessians(w_o, heads, hd).double()
+    h_col = torch.stack([2 * x.T @ a.T @ a @ x for a in probs])
+    expected = sum(
+        2 * (w_o[:, h * hd : (h + 1) * hd] @ delta[h * hd : (h + 1) * hd] @ x.T @ probs[h].T).square().sum()
+        for h in range(heads)
+    )
+    assert kronecker_loss(delta, h_row, h_col) == pytest.approx(float(expected), rel=1e-6)
+    # grouped heads: the mean of the group's W_O,hᵀ W_O,h
+    grouped = value_row_hessians(w_o, 1, hd).double()
+    per_head = torch.stack(
+        [w_o[:, h * hd : (h + 1) * hd].T @ w_o[:, h * hd : (h + 1) * hd] for h in range(heads)]
+    )
+    torch.testing.assert_close(grouped[0], per_head.mean(0), rtol=1e-5, atol=1e-5)

@@ -10,8 +10,11 @@ output alone. Per head, the loss is approximated by a Kronecker-factored quadrat
                 rotation at query position l (a score error q_lᵀ k_m is linear in R_l ΔW_Q x_l);
   W_K, head g:  the same with the post-RoPE query covariance, averaged over the query heads of g;
   W_V, head g:  H_col = 2E[X A_hᵀ A_h Xᵀ] summed over g's query heads (A_h their causal attention
-                probabilities: an error of v_m reaches output l through A_h[l, m]), H_row = I.
-                ``relaxed_v`` uses the plain H_col instead, which needs no per-head d_in² matrices.
+                probabilities: an error of v_m reaches output l through A_h[l, m]), and
+                H_row = mean_h W_O,hᵀ W_O,h over the same heads (W_O,h [d, hd] the columns of o_proj
+                that read head h: the error then reaches the block's residual through o_proj).
+                ``relaxed_v`` uses the plain H_col instead, which needs no per-head d_in² matrices;
+                ``v_out_proj=False`` uses H_row = I (the attention output before o_proj).
 
 With U_row, U_col the upper Cholesky factors of H_row⁻¹ and H_col⁻¹, the inverse Hessian of the
 row-major vec(ΔW) has the upper factor U_row ⊗ U_col, so GPTQ over vec(W) splits into (1) a GPTQ
@@ -60,6 +63,14 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def position_averaged_covariance(sigma: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """mean_l R_lᵀ Σ R_l. sigma [..., d, d], rope [L, d, d] → [..., d, d]."""
     return torch.einsum("lai,...ab,lbj->...ij", rope, sigma, rope) / rope.shape[0]
+
+
+def value_row_hessians(w_o: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """W_V's row Hessians [Hkv, hd, hd] = mean over the query heads h of each key/value head of
+    W_O,hᵀ W_O,h. w_o [d, H·hd] (o_proj's weight)."""
+    per_head = w_o.detach().float().view(w_o.shape[0], -1, head_dim)  # [d, H, hd]
+    gram = torch.einsum("dha,dhb->hab", per_head, per_head)  # [H, hd, hd]
+    return gram.view(num_kv_heads, -1, head_dim, head_dim).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,4 +186,5 @@ __all__ = [
     "kronecker_loss",
     "kronecker_quantize",
     "rope_matrices",
+    "value_row_hessians",
 ]

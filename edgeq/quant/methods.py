@@ -17,7 +17,7 @@ import torch
 from edgeq.config import QuantConfig
 from edgeq.errors import EdgeqError
 from edgeq.quant.block import BlockContext, attention_inputs
-from edgeq.quant.boa import AttentionStatistics, kronecker_quantize
+from edgeq.quant.boa import AttentionStatistics, kronecker_quantize, value_row_hessians
 from edgeq.quant.gptq import dampen, gptq_quantize
 from edgeq.quant.grid import QuantizedWeight, rtn_quantize
 from edgeq.quant.hessian import HessianAccumulator
@@ -162,13 +162,14 @@ class BoA:
             "k": kronecker_quantize(target("k", "q"), h_row_k, h_x, weights, options, gptq),
         }
         v_col = stats.v_col_hessians()
-        if v_col is None:
-            out["v"] = gptq_quantize(target("v", "q"), h_x, weights, gptq)
-        else:
-            eye = torch.eye(shape.head_dim).expand(shape.num_kv_heads, -1, -1)
-            # identity row Hessians: rows are independent, so one row block per head suffices
-            whole_heads = dataclasses.replace(options, row_block=shape.head_dim)
-            out["v"] = kronecker_quantize(target("v", "q"), eye, v_col, weights, whole_heads, gptq)
+        if options.v_out_proj:
+            h_row_v = value_row_hessians(linears["o"].weight, shape.num_kv_heads, shape.head_dim)
+            v_options = options
+        else:  # identity row Hessians: rows are independent, so one row block per head suffices
+            h_row_v = torch.eye(shape.head_dim).expand(shape.num_kv_heads, -1, -1)
+            v_options = dataclasses.replace(options, row_block=shape.head_dim)
+        v_h_col = h_x if v_col is None else v_col
+        out["v"] = kronecker_quantize(target("v", "q"), h_row_v, v_h_col, weights, v_options, gptq)
         for role in OTHER_ROLES:
             out[role] = gptq_quantize(target(role, role), acc[role].hessian, weights, gptq)
         return out
