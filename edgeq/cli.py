@@ -125,8 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also put the embedding table on the weight grid (GatherBlockQuantized in the ort format)",
     )
-    export.add_argument(
-        "--quantize-lm-head", action="store_true", default=None, help="also put lm_head on the weight grid"
+    head = export.add_mutually_exclusive_group()
+    head.add_argument(
+        "--lm-head-bits", type=int, choices=(4, 8, 16),
+        help="lm_head's grid: 8 (the presets'), 4, or 16 to keep it float",
+    )  # fmt: skip
+    head.add_argument(
+        "--quantize-lm-head", action="store_true", default=None, help="put lm_head on the weights' own grid"
     )
     algo = export.add_argument_group("GPTQ / BoA options")
     algo.add_argument(
@@ -245,7 +250,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         gptq=gptq,
         boa=boa,
         quantize_embedding=bool(args.quantize_embedding or quant.quantize_embedding),
-        quantize_lm_head=bool(args.quantize_lm_head or quant.quantize_lm_head),
+        lm_head_bits=weights.bits if args.quantize_lm_head else args.lm_head_bits or quant.lm_head_bits,
     )
     return ExportConfig(
         model=args.model,

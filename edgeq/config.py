@@ -17,6 +17,9 @@ SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
 PER_CHANNEL = -1
 
 
+WEIGHT_BITS = (2, 3, 4, 8)  # 2-4 bits are stored in int4 containers
+
+
 @dataclass(frozen=True)
 class WeightQuantConfig:
     """How a linear weight [out, in] is put on an integer grid.
@@ -31,8 +34,8 @@ class WeightQuantConfig:
     symmetric: bool = False
 
     def validate(self) -> None:
-        if self.bits not in (2, 3, 4):
-            raise EdgeqError(f"weight bits must be 2, 3 or 4 (int4 containers), got {self.bits}")
+        if self.bits not in WEIGHT_BITS:
+            raise EdgeqError(f"weight bits must be 2, 3, 4 (int4 containers) or 8, got {self.bits}")
         if self.group_size != PER_CHANNEL and self.group_size not in SUPPORTED_GROUP_SIZES:
             sizes = ", ".join(str(s) for s in SUPPORTED_GROUP_SIZES)
             raise EdgeqError(
@@ -138,9 +141,11 @@ class RotationConfig:
 class QuantConfig:
     """What to quantize and with which algorithm.
 
-    quantize_embedding / quantize_lm_head: also put the embedding table and lm_head on the weights'
-    grid (round to nearest; lm_head is untied from the embedding first). Both stay float by default:
-    they are the most sensitive matrices and, in a small model, most of its bytes.
+    quantize_embedding: also put the embedding table on the weights' grid (round to nearest).
+    lm_head_bits: lm_head's grid, round to nearest with the weights' group size and symmetry (lm_head
+    is untied from the embedding first); 16 = float. The presets use 8: at batch-1 decode a float
+    lm_head is the largest read of every step (in SmolLM2 twice the bytes of all int4 blocks), and
+    int8 costs it almost nothing in accuracy, where int4 costs a lot.
     """
 
     scheme: str = "w4a16"
@@ -151,7 +156,14 @@ class QuantConfig:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     boa: BoAOptions = field(default_factory=BoAOptions)
     quantize_embedding: bool = False
-    quantize_lm_head: bool = False
+    lm_head_bits: int = 16
+
+    @property
+    def lm_head_weights(self) -> WeightQuantConfig | None:
+        """lm_head's grid, or None when it stays float."""
+        if self.lm_head_bits >= 16:
+            return None
+        return dataclasses.replace(self.weights, bits=self.lm_head_bits)
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,8 @@ class ExportConfig:
         quant["boa"] = BoAOptions(**quant.get("boa", {}))
         quant["activations"] = ActQuantConfig(**quant.get("activations", {}))
         quant["rotation"] = RotationConfig(**quant.get("rotation", {}))
+        if quant.pop("quantize_lm_head", False):  # edgeq_config.json before lm_head_bits
+            quant.setdefault("lm_head_bits", quant["weights"].bits)
         return cls(
             model=data["model"],
             quant=QuantConfig(**quant),
@@ -243,8 +257,13 @@ def _validation_from_dict(data: dict[str, Any]) -> ValidationConfig:
 
 SCHEMES: dict[str, QuantConfig] = {
     # Weight-only 4-bit, asymmetric group-128: what ORT's MatMulNBits runs natively.
-    "w4a16": QuantConfig(scheme="w4a16", weights=WeightQuantConfig(bits=4, group_size=128, symmetric=False)),
-    "w3a16": QuantConfig(scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False)),
+    # Every preset keeps the embedding float and puts lm_head on an 8-bit grid (see lm_head_bits).
+    "w4a16": QuantConfig(
+        scheme="w4a16", weights=WeightQuantConfig(bits=4, group_size=128, symmetric=False), lm_head_bits=8
+    ),
+    "w3a16": QuantConfig(
+        scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False), lm_head_bits=8
+    ),
     # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token symmetric int4
     # activations (KV cache in float).
     "w4a4": QuantConfig(
@@ -252,6 +271,7 @@ SCHEMES: dict[str, QuantConfig] = {
         weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
         activations=ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9),
         rotation=RotationConfig(enabled=True),
+        lm_head_bits=8,
     ),
 }
 

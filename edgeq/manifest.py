@@ -222,9 +222,12 @@ def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], gr
         how = "packed for `com.microsoft::MatMulNBits`"
     else:
         how = "int4 `DequantizeLinear → MatMul` (standard ONNX), which ORT fuses into `MatMulNBits`"
+    head_bits = quant.get("lm_head_bits", 16)
+    head = f"int{head_bits}" if head_bits < 16 else "float"
     notes = [
         f"- **Weights**: int{wbits}{container}, {how}; ONNX Runtime runs them natively in MatMulNBits "
-        "on CPU and CUDA (accuracy level 4 quantizes the activations to int8 inside the kernel)."
+        "on CPU and CUDA (accuracy level 4 quantizes the activations to int8 inside the kernel). "
+        f"lm_head: {head}; embedding: {'int' + str(wbits) if quant.get('quantize_embedding') else 'float'}."
     ]
     if abits < 16:
         down = acts.get("down_proj_bits")

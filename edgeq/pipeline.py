@@ -122,18 +122,22 @@ def quantize_block_activations(
 def quantize_embedding_and_head(
     model: nn.Module, adapter: Adapter, config: QuantConfig, result: QuantizationResult
 ) -> None:
-    """Round the embedding table and lm_head to the weights' grid when the config asks; a tied
-    lm_head is untied first, so each keeps its own (float or quantized) weight."""
-    if not (config.quantize_embedding or config.quantize_lm_head):
+    """Round the embedding table (to the weights' grid) and lm_head (to its own, ``lm_head_bits``)
+    when the config asks; a tied lm_head is untied first, so each keeps its own weight."""
+    head = config.lm_head_weights
+    if not (config.quantize_embedding or head):
         return
+    if head is not None:
+        head.validate()
     untie_lm_head(model, adapter)
     parts = [
-        (adapter.embed_path, adapter.embedding(model), config.quantize_embedding, result.tables),
-        (adapter.lm_head_path, adapter.lm_head(model), config.quantize_lm_head, result.weights),
-    ]
-    for name, module, wanted, store in parts:
-        if wanted:
-            qweight = rtn_quantize(module.weight.data, config.weights)
+        (adapter.embed_path, adapter.embedding(model), config.weights if config.quantize_embedding else None,
+         result.tables),
+        (adapter.lm_head_path, adapter.lm_head(model), head, result.weights),
+    ]  # fmt: skip
+    for name, module, grid, store in parts:
+        if grid is not None:
+            qweight = rtn_quantize(module.weight.data, grid)
             module.weight.data.copy_(qweight.dequantize().to(module.weight.dtype))
             store[name] = qweight
 

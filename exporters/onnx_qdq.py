@@ -29,6 +29,8 @@ from edgeq.quant.grid import QuantizedWeight
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MODEL_FILE = "model.onnx"
 DEFAULT_OPSET = 21  # int4 blocked DequantizeLinear
+# (signed, unsigned) ONNX type of the weight codes by container width: 2-4 bits in int4, 8 in int8
+CONTAINERS = {4: (TensorProto.INT4, TensorProto.UINT4), 8: (TensorProto.INT8, TensorProto.UINT8)}
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
 
@@ -72,7 +74,7 @@ def dequantize_linear_initializers(
 
     Blocked along the input axis with ``block_size = group_size``, or per output channel when one
     group spans the whole input. Symmetric grids are stored as INT4 without a zero point, asymmetric
-    ones as UINT4 with a UINT4 zero point.
+    ones as UINT4 with a UINT4 zero point (INT8 / UINT8 for 8-bit grids).
     """
     codes, scale, zero = qweight.codes.numpy(), qweight.scale.numpy().astype(np.float32), qweight.zero.numpy()
     if transposed:  # [in, out], scales [n_groups, out]
@@ -81,21 +83,23 @@ def dequantize_linear_initializers(
     per_channel = qweight.group_size >= codes.shape[in_axis]
     if per_channel:
         scale, zero = scale.reshape(-1), zero.reshape(-1)
+    container = 8 if qweight.bits > 4 else 4
+    signed, unsigned = CONTAINERS[container]
     if qweight.symmetric:
-        values = codes.astype(np.int16) - 2 ** (qweight.bits - 1)
-        dtype = TensorProto.INT4
+        values, dtype = codes.astype(np.int16) - 2 ** (qweight.bits - 1), signed
     else:
-        values, dtype = codes, TensorProto.UINT4
-    q_name, s_name, z_name = f"{name}_q4", f"{name}_scale", f"{name}_zero_point"
-    tensors = [
-        helper.make_tensor(q_name, dtype, list(codes.shape), pack_int4(values), raw=True),
-        numpy_helper.from_array(scale, s_name),
-    ]
+        values, dtype = codes, unsigned
+
+    def tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProto:
+        if container == 8:
+            return numpy_helper.from_array(array.astype(np.int8 if data_type == signed else np.uint8), name)
+        return helper.make_tensor(name, data_type, list(array.shape), pack_int4(array), raw=True)
+
+    q_name, s_name, z_name = f"{name}_q{container}", f"{name}_scale", f"{name}_zero_point"
+    tensors = [tensor(q_name, values, dtype), numpy_helper.from_array(scale, s_name)]
     inputs = [q_name, s_name]
     if not qweight.symmetric:
-        tensors.append(
-            helper.make_tensor(z_name, TensorProto.UINT4, list(zero.shape), pack_int4(zero), raw=True)
-        )
+        tensors.append(tensor(z_name, zero, unsigned))
         inputs.append(z_name)
     attrs = {"axis": 1 - in_axis} if per_channel else {"axis": in_axis, "block_size": qweight.group_size}
     node = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", **attrs)

@@ -1,10 +1,11 @@
-"""ONNX Runtime's native int4 format: MatMulNBits (the ``ort`` format).
+"""ONNX Runtime's native int4 / int8 weight format: MatMulNBits (the ``ort`` format).
 
-Every int4 ``DequantizeLinear → MatMul`` of an edgeq QDQ graph becomes one
-``com.microsoft::MatMulNBits`` with the same integers: codes packed [N, blocks, block_size / 2]
-(uint4, low nibble first), scales [N · blocks], zero points packed [N · ceil(blocks / 2)] when the
-grid is asymmetric (a symmetric grid uses the kernel's implicit zero point 8). Per-channel grids
-repeat the channel's scale over blocks of PER_CHANNEL_BLOCK. Activation Q/DQ pairs in front stay.
+Every int4 (or int8) ``DequantizeLinear → MatMul`` of an edgeq QDQ graph becomes one
+``com.microsoft::MatMulNBits`` with the same integers: codes [N, blocks, block_size · bits / 8]
+(4-bit: uint4 packed low nibble first), scales [N · blocks], zero points [N · ceil(blocks / 2)]
+(4-bit, packed) or [N · blocks] (8-bit) when the grid is asymmetric (a symmetric grid uses the
+kernel's implicit zero point 2^(bits-1)). Per-channel grids repeat the channel's scale over blocks
+of PER_CHANNEL_BLOCK. Activation Q/DQ pairs in front stay.
 A quantized embedding, ``DequantizeLinear → Gather``, becomes ``com.microsoft::GatherBlockQuantized``
 (uint4 table and zero points, scales per row and block).
 """
@@ -26,7 +27,15 @@ MS_DOMAIN = "com.microsoft"
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel: ORT's fast CPU path
 
 
-def _int4_array(init: onnx.TensorProto) -> np.ndarray:
+INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
+WEIGHT_TYPES = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8}
+SIGNED_TYPES = (TensorProto.INT4, TensorProto.INT8)
+
+
+def _int_array(init: onnx.TensorProto) -> np.ndarray:
+    """The integer values of an int4/uint4 (packed) or int8/uint8 initializer."""
+    if init.data_type not in INT4_TYPES:
+        return numpy_helper.to_array(init)
     signed = init.data_type == TensorProto.INT4
     count = math.prod(init.dims)
     return unpack_int4(init.raw_data, count, signed).reshape(tuple(init.dims))
@@ -38,22 +47,26 @@ def _nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def matmulnbits_inputs(
-    codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int
+    codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int, bits: int = 4
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MatMulNBits' B, scales and zero points from a blocked int4 Wᵀ.
+    """MatMulNBits' B, scales and zero points from a blocked Wᵀ.
 
-    codes: uint8 [K, N] (0..15); scale: [blocks, N]; zero: uint8 [blocks, N] or None (symmetric,
-    zero point 8). Returns B uint8 [N, blocks, block_size / 2], scales [N · blocks], packed zero
-    points uint8 [N · ceil(blocks / 2)] or None.
+    codes: uint8 [K, N] (0..2^bits − 1); scale: [blocks, N]; zero: uint8 [blocks, N] or None
+    (symmetric, zero point 2^(bits−1)). Returns B uint8 [N, blocks, block_size · bits / 8], scales
+    [N · blocks], zero points uint8 (4-bit: packed [N · ceil(blocks / 2)]; 8-bit: [N · blocks]) or None.
     """
     k, n = codes.shape
     blocks = scale.shape[0]
-    pad_value = zero if zero is not None else np.full((blocks, n), 8, np.uint8)
+    pad_value = zero if zero is not None else np.full((blocks, n), 2 ** (bits - 1), np.uint8)
     padded = np.empty((blocks * block_size, n), np.uint8)
     padded[:k] = codes
     padded[k:] = pad_value[-1]  # the ragged last block is padded with its zero point (weight 0)
-    b = _nibbles(padded.T.reshape(n, blocks, block_size))
+    b = padded.T.reshape(n, blocks, block_size)
     scales = np.ascontiguousarray(scale.T).reshape(-1)
+    if bits == 8:
+        zp = None if zero is None else np.ascontiguousarray(zero.T).reshape(-1)
+        return np.ascontiguousarray(b), scales, zp
+    b = _nibbles(b)
     if zero is None:
         return b, scales, None
     zp = zero.T  # [N, blocks]
@@ -62,20 +75,22 @@ def matmulnbits_inputs(
     return b, scales, _nibbles(zp).reshape(-1)
 
 
-def _int4_grid(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], in_axis: int):
-    """(codes uint8 0..15 as stored, scale [blocks, outputs], zero uint8 [blocks, outputs] or None for a
-    symmetric grid (the kernels' implicit zero point 8), block_size) of an int4 DequantizeLinear whose
-    input (reduction) axis is ``in_axis``; None for anything else. A per-channel grid repeats each
-    channel's scale over blocks of PER_CHANNEL_BLOCK."""
-    if dq.input[0] not in inits or inits[dq.input[0]].data_type not in (TensorProto.INT4, TensorProto.UINT4):
+def _int_grid(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], in_axis: int):
+    """(codes uint8 as stored, scale [blocks, outputs], zero uint8 [blocks, outputs] or None for a
+    symmetric grid (the kernels' implicit zero point 2^(bits−1)), block_size, bits) of a weight
+    DequantizeLinear (int4 or int8 codes from an initializer) whose input (reduction) axis is
+    ``in_axis``; None for anything else. A per-channel grid repeats each channel's scale over blocks
+    of PER_CHANNEL_BLOCK."""
+    if dq.input[0] not in inits or inits[dq.input[0]].data_type not in WEIGHT_TYPES:
         return None
     q_init = inits[dq.input[0]]
-    values = _int4_array(q_init)
+    bits = WEIGHT_TYPES[q_init.data_type]
+    values = _int_array(q_init)
     width, outputs = values.shape[in_axis], values.shape[1 - in_axis]
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zero = _int4_array(inits[dq.input[2]]).astype(np.uint8) if len(dq.input) > 2 and dq.input[2] else None
-    if q_init.data_type == TensorProto.INT4:  # symmetric: shift to the kernels' zero point 8
-        values = (values.astype(np.int16) + 8).astype(np.uint8)
+    zero = _int_array(inits[dq.input[2]]).astype(np.uint8) if len(dq.input) > 2 and dq.input[2] else None
+    if q_init.data_type in SIGNED_TYPES:  # symmetric: shift to the kernels' zero point
+        values = (values.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     attrs = {a.name: a.i for a in dq.attribute}
     if attrs.get("axis", 1) != in_axis:  # one scale per output channel
         block = PER_CHANNEL_BLOCK
@@ -86,21 +101,22 @@ def _int4_grid(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], in_axis: 
         block = attrs["block_size"]
         if in_axis == 1:  # stored [outputs, blocks]
             scale, zero = scale.T, None if zero is None else zero.T
-    return values.astype(np.uint8), np.asarray(scale), zero, block
+    return values.astype(np.uint8), np.asarray(scale), zero, block, bits
 
 
 def _blocked(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
-    """MatMulNBits' view of a weight Wᵀ [K, N]: (codes, scale [blocks, N], zero | None, block_size)."""
-    return _int4_grid(dq, inits, in_axis=0)
+    """MatMulNBits' view of a weight Wᵀ [K, N]: (codes, scale [blocks, N], zero | None, block_size,
+    bits)."""
+    return _int_grid(dq, inits, in_axis=0)
 
 
 def _table(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
     """GatherBlockQuantized's (data [rows, width], scales [rows, blocks], zero points [rows, blocks],
     block_size) from an int4 DequantizeLinear of a table W [rows, width], or None."""
-    grid = _int4_grid(dq, inits, in_axis=1)
-    if grid is None:
+    grid = _int_grid(dq, inits, in_axis=1)
+    if grid is None or grid[4] != 4:
         return None
-    values, scale, zero, block = grid
+    values, scale, zero, block, _ = grid
     if zero is None:
         zero = np.full(scale.shape, 8, np.uint8)
     return values, np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T), block
@@ -131,9 +147,9 @@ def _gather_block_quantized(
 def _matmulnbits(
     dq: onnx.NodeProto, matmul: onnx.NodeProto, weight, accuracy_level: int, scale_dtype
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    codes, scale, zero, block = weight
+    codes, scale, zero, block, bits = weight
     k, n = codes.shape
-    b, scales, zp = matmulnbits_inputs(codes, scale, zero, block)
+    b, scales, zp = matmulnbits_inputs(codes, scale, zero, block, bits)
     base = dq.output[0]
     tensors = [numpy_helper.from_array(b, f"{base}_B"),
                numpy_helper.from_array(scales.astype(scale_dtype), f"{base}_scales")]  # fmt: skip
@@ -145,7 +161,7 @@ def _matmulnbits(
         list(matmul.output),
         name=f"{base}_MatMulNBits",
         domain=MS_DOMAIN,
-        K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
+        K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
     )  # fmt: skip
     return node, tensors
 
@@ -153,7 +169,7 @@ def _matmulnbits(
 def convert_to_matmulnbits(
     model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, scale_dtype=np.float32
 ) -> int:
-    """Replace every int4 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits (and an int4
+    """Replace every int4/int8 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits (and an int4
     embedding's DequantizeLinear → Gather by GatherBlockQuantized), in place. Returns how many;
     MatMulNBits scales stored as ``scale_dtype`` (float32 or float16)."""
     graph = model.graph

@@ -85,3 +85,79 @@ def test_w4a4_table_and_gap_ratio_come_from_the_results():
     assert "gap to FP is 0.25 × rotation + RTN's" in table
     assert "| rotation + BoA | A16 | 12.50 | +2.50 |" in table
     assert "R1 randomized Hadamard 36 x 16" in table
+
+
+def _compare_row(key, kind, ppl, tps, error=None, lm_head="float"):
+    measured = error is None
+    return {
+        "key": key, "label": key.upper(), "kind": kind, "settings": {}, "perplexity": ppl, "error": error,
+        "quantization_seconds": 3.0 if kind != "fp32" and measured else None, "export_seconds": 1.0,
+        "rss_before_bytes": None, "peak_rss_bytes": 2**30 if kind != "fp32" and measured else None,
+        "bytes": 5e8 if measured else None, "lm_head": lm_head if measured else None,
+        "prefill_ms": 100.0 if measured else None, "decode_tokens_per_s": tps,
+        "prefill_vs_fp32": 1.0 if measured else None, "decode_vs_fp32": tps / 10.0 if measured else None,
+        "speed": {"prompt_tokens": 128, "new_tokens": 64, "repeats": 5},
+    }  # fmt: skip
+
+
+COMPARE_RESULTS = {
+    "model": "m",
+    "fp_perplexity": 10.0,
+    "eval_windows": 4,
+    "settings": {
+        "calib_samples": 8,
+        "calib_seq_len": 64,
+        "seed": 0,
+        "eval_seq_len": 128,
+        "eval_windows": "4",
+        "threads": 2,
+    },
+    "packages": {"onnxruntime": "1.0"},
+    "rows": [
+        _compare_row("fp32", "fp32", 10.0, 10.0) | {"lm_head_weight": "Transpose"},
+        _compare_row("ort-rtn-asym", "ort-quantizer", None, None, error="ValueError: a | b"),
+        _compare_row("edgeq-boa-g128", "edgeq", 12.0, 25.0),
+    ],
+    "command": "python benchmarks/compare.py",
+    "date": "2026-01-01",
+    "machine": {"cpus": 2},
+}
+
+
+def test_compare_table_has_failures_ratios_and_the_plot(tmp_path):
+    compare = _script("compare")
+    table = compare.markdown(COMPARE_RESULTS, "compare.png")
+    assert "| ORT-RTN-ASYM | `ort-rtn-asym` |  | failed: ValueError: a \\| b |" in table
+    assert (
+        "| EDGEQ-BOA-G128 | `edgeq-boa-g128` | float | 12.00 | 500.0 | 3 | 1.00 | 100 | 1.00 | 25.0 | 2.50 |"
+        in table
+    )
+    assert "the first 4 windows of 128 tokens" in table and "![" in table
+    assert "Transpose node" not in table  # only when an ORT row left lm_head in float
+    compare.plot(COMPARE_RESULTS, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_compare_rows_select_by_key_or_label_and_always_keep_fp32():
+    compare = _script("compare")
+    assert [r.key for r in compare.select_rows("edgeq-w4a4-boa,ORT HQQ block 128")] == [
+        "fp32", "ort-hqq", "edgeq-w4a4-boa",
+    ]  # fmt: skip
+    assert len({r.key for r in compare.ROWS}) == len(compare.ROWS)
+
+
+def test_compare_finds_the_lm_head_by_the_logits_output_not_by_name():
+    import onnx
+    from onnx import TensorProto, helper
+
+    compare = _script("compare")
+    nodes = [
+        helper.make_node("MatMul", ["h", "w1"], ["x"], name="a"),
+        helper.make_node("MatMul", ["x", "w2"], ["y"], name="whatever"),
+        helper.make_node("Cast", ["y"], ["logits"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)]
+    )
+    assert compare.lm_head_node(graph).name == "whatever"
+    assert compare.lm_head_node(onnx.GraphProto()) is None

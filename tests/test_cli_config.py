@@ -48,6 +48,19 @@ def test_w4a4_preset_and_its_overrides():
     assert act.bits_for("down") == 8 and act.bits_for("q") == 4
     assert (rot.enabled, rot.seed) == (False, 3)
     assert act.kv_bits == 4 and config.format == "ort"
-    assert config.quant.quantize_embedding and config.quant.quantize_lm_head
-    assert not _config("--scheme", "w4a4").quant.quantize_lm_head
+    assert config.quant.quantize_embedding and config.quant.lm_head_bits == 4  # the weights' own grid
     assert ExportConfig.from_dict(config.to_dict()) == config
+
+
+def test_lm_head_bits_presets_flags_and_old_configs():
+    assert _config("--scheme", "w4a4").quant.lm_head_bits == 8  # every preset: an int8 lm_head
+    head = _config("--scheme", "w4a16").quant.lm_head_weights
+    assert (head.bits, head.group_size, head.symmetric) == (8, 128, False)  # the weights' group and symmetry
+    assert _config("--scheme", "w4a16", "--lm-head-bits", "16").quant.lm_head_weights is None
+    assert _config("--scheme", "w3a16", "--quantize-lm-head").quant.lm_head_bits == 3
+    old = _config("--scheme", "w4a16").to_dict()
+    del old["quant"]["lm_head_bits"]
+    old["quant"]["quantize_lm_head"] = True  # an edgeq_config.json written before lm_head_bits
+    assert ExportConfig.from_dict(old).quant.lm_head_bits == 4
+    del old["quant"]["quantize_lm_head"]
+    assert ExportConfig.from_dict(old).quant.lm_head_bits == 16

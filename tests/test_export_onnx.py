@@ -184,8 +184,10 @@ def test_w4a4_ort_format_keeps_activation_qdq_in_front_of_matmulnbits(tmp_path):
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     producer = {out: n for n in graph.node for out in n.output}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == len(result.weights)
-    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in nbits)
+    assert len(nbits) == len(result.weights)  # the block linears and the preset's int8 lm_head
+    blocks = [n for n in nbits if "logits" not in n.output]  # lm_head's input stays float
+    assert len(blocks) == len(result.weights) - 1
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in blocks)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
@@ -205,7 +207,7 @@ def test_int4_embedding_and_lm_head_in_both_formats(weights, tmp_path):
     model = tiny_model("llama")
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    config = QuantConfig(method="rtn", weights=weights, quantize_embedding=True, quantize_lm_head=True)
+    config = QuantConfig(method="rtn", weights=weights, quantize_embedding=True, lm_head_bits=4)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     result = quantize_model(model, adapter_for(model), config, ids, progress=False)
     assert set(result.tables) == {"model.embed_tokens"} and "lm_head" in result.weights
@@ -227,3 +229,39 @@ def test_int4_embedding_and_lm_head_in_both_formats(weights, tmp_path):
         ort_info.components["embedding"] < 0.2 * qdq.components["blocks"] + ort_info.components["embedding"]
     )
     assert ort_info.bytes_total < qdq.bytes_total * 1.2
+
+
+@pytest.mark.parametrize("weights", [WeightQuantConfig(4, 16), WeightQuantConfig(4, -1, symmetric=True)],
+                         ids=["asym-g16", "sym-per-channel"])  # fmt: skip
+def test_int8_lm_head_in_both_formats(weights, tmp_path):
+    """lm_head on an 8-bit grid: INT8/UINT8 DequantizeLinear → MatMul in the qdq format, an 8-bit
+    MatMulNBits in the ort format; both compute the PyTorch logits."""
+    from exporters import export_onnx
+
+    model = tiny_model("llama")
+    config = QuantConfig(method="rtn", weights=weights, lm_head_bits=8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(model, adapter_for(model), config, ids, progress=False)
+    assert result.weights["lm_head"].bits == 8 and result.weights["lm_head"].group_size == (
+        weights.group_size if weights.group_size > 0 else model.config.hidden_size
+    )
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    for fmt in ("qdq", "ort"):
+        info = export_onnx(model, adapter_for(model), result, tmp_path / fmt, fmt)
+        graph = onnx.load(str(info.path)).graph
+        if fmt == "qdq":
+            int8 = [
+                t for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+            ]
+            assert len(int8) == (1 if weights.symmetric else 2)  # the lm_head's codes (and zero points)
+        else:
+            bits = [
+                {a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits"
+            ]
+            assert sorted(bits) == [4] * (len(result.weights) - 1) + [8]
+        assert info.components["lm_head"] > 0
+        torch.testing.assert_close(
+            OrtCausalLM(tmp_path / fmt, accuracy_level=0).logits(ids), expected, rtol=1e-4, atol=1e-4
+        )

@@ -95,7 +95,7 @@ def test_tied_float_embedding_is_stored_once(tmp_path):
 def test_int4_embedding_and_lm_head_in_the_fused_graph(tmp_path):
     model = tiny_model("llama", head_dim=HEAD_DIM)
     config = QuantConfig(method="rtn", weights=WeightQuantConfig(4, 16), quantize_embedding=True,
-                         quantize_lm_head=True)  # fmt: skip
+                         lm_head_bits=4)  # fmt: skip
     result = _quantize(model, config)
     info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")
     ops = Counter(n.op_type for n in onnx.load(str(info.path)).graph.node)
@@ -123,3 +123,15 @@ def test_what_the_fused_graph_cannot_express_falls_back_with_the_reason(tmp_path
     assert any("quantized activations" in r for r in info.not_fused)
     ops = Counter(n.op_type for n in onnx.load(str(info.path)).graph.node)
     assert ops["MatMulNBits"] == len(result.weights) and ops["GroupQueryAttention"] == 0
+
+
+def test_int8_lm_head_in_the_fused_graph(tmp_path):
+    model = tiny_model("qwen2", head_dim=HEAD_DIM)
+    result = _quantize(model, QuantConfig(method="rtn", weights=WeightQuantConfig(4, 32), lm_head_bits=8))
+    info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")
+    head = [n for n in onnx.load(str(info.path)).graph.node if "logits" in n.output]
+    assert head[0].op_type == "MatMulNBits" and {a.name: a.i for a in head[0].attribute}["bits"] == 8
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(
+        OrtCausalLM(tmp_path, accuracy_level=0).logits(ids), _logits(model, ids), rtol=1e-4, atol=1e-4
+    )

@@ -59,7 +59,7 @@ def test_onnx_perplexity_matches_pytorch_fake_quant(smollm2_artifact):
     cpu = validation["providers"]["CPUExecutionProvider"]
     assert cpu["generation_ok"] and cpu["decode_tokens_per_s"]["p50"] > 0
     assert 0 < cpu["kl_fp"] < 1 and 0.5 < cpu["top1_agreement_fp"] < 1
-    assert report["onnx"]["quantized_weights"] == 7 * 30
+    assert report["onnx"]["quantized_weights"] == 7 * 30 + 1  # and the preset's int8 lm_head
     # int4 blocks + fp32 embedding: far below the fp32 parameters
     assert report["sizes_bytes"]["onnx_model"] < 0.4 * report["sizes_bytes"]["fp32_parameters"]
 
@@ -76,10 +76,12 @@ def test_artifact_holds_config_tokenizer_and_int4_weights(smollm2_artifact):
     assert verify_bundle(smollm2_artifact) == []
     graph = onnx.load(str(smollm2_artifact / "model.onnx"), load_external_data=False).graph
     dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 7 * 30
+    assert len(dq) == 7 * 30 + 1  # the block linears and lm_head
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in dq)
     int4 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT4]
     assert len(int4) == 2 * 7 * 30  # codes and zero points
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert [tuple(t.dims) for t in int8] == [(576, 49152), (5, 49152)]  # lm_head's codes, zero points
 
 
 def test_optimum_generate_runs_the_artifact(smollm2_artifact):
@@ -187,7 +189,7 @@ def test_w4a4_ort_format_export_reports_rotations_and_matches_pytorch(smollm2_w4
     assert report["onnx_parity"]["min_top1_agreement"] is None
     assert report["onnx_parity"]["relative_difference"] < 0.05
     graph = onnx.load(str(smollm2_w4a4_artifact / "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * 30
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * 30 + 1  # and the int8 lm_head
     # every block linear's input is a per-token int4 QuantizeLinear → DequantizeLinear pair
     quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     assert len(quantize) == 7 * 30
