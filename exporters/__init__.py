@@ -14,6 +14,8 @@ import dataclasses
 from pathlib import Path
 
 from exporters.onnx_qdq import DEFAULT_OPSET, OnnxExportInfo, export_qdq
+from exporters.ort_fused import export_fused, fused_graph_blockers
+from exporters.ort_matmulnbits import to_matmulnbits
 
 FORMATS = ("qdq", "ort")
 
@@ -23,9 +25,6 @@ def export_onnx(
 ) -> OnnxExportInfo:
     """Write ``model`` (quantized in place; ``result`` its pipeline QuantizationResult, or None for a
     float model) as ``out_dir``/model.onnx in format ``fmt``."""
-    from exporters.ort_fused import export_fused, fused_graph_blockers
-    from exporters.ort_matmulnbits import to_matmulnbits
-
     weights = result.weights if result is not None else {}
     tables = result.tables if result is not None else {}
     if fmt == "qdq":

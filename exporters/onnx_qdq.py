@@ -36,7 +36,7 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 
 @dataclass(frozen=True)
 class OnnxExportInfo:
-    """What was written. replaced_weights: int4 weight nodes in the graph (the fused graph's one
+    """What was written. replaced_weights: integer weight nodes in the graph (the fused graph's one
     q/k/v matmul counts once); graph: "optimum" (the traced export) or "fused" (``ort_fused``);
     not_fused: why the ort format could not use the fused graph."""
 

@@ -13,9 +13,11 @@ directly from the adapter with ORT's contrib operators, as ORT's own model build
                 MatMulNBits gate, up → x·Sigmoid(x)·up → MatMulNBits down
     final       SkipSimplifiedLayerNormalization → lm_head (MatMulNBits, or Gemm on a float table)
 
+Integer weights may be int4 or int8 (the presets' lm_head); MatMulNBits takes both.
+
 Inputs and outputs are optimum's (input_ids, attention_mask, past_key_values.N.key/value →
 logits, present.N.key/value) without position_ids: GroupQueryAttention derives positions from the
-attention mask (right padding only). Weights are written as int4 DequantizeLinear → MatMul and then
+attention mask (right padding only). Weights are written as DequantizeLinear → MatMul and then
 converted by ``ort_matmulnbits``, so both formats share one packing.
 
 What the fused operators cannot express (online Hadamards, quantized activations or KV cache,
@@ -100,18 +102,20 @@ def _float_matmul(g: _Graph, x: str, name: str, weight: torch.Tensor) -> str:
     return g.op("MatMul", [x, wt])
 
 
-def _int4_matmul(g: _Graph, x: str, name: str, qweight: QuantizedWeight) -> str:
-    """x @ Wᵀ through an int4 DequantizeLinear (MatMulNBits once converted)."""
-    tensors, dq = dequantize_linear_initializers(f"{name}.weight", qweight)
+def _dequantized(g: _Graph, name: str, qweight: QuantizedWeight, transposed: bool = True) -> str:
+    """Wᵀ (or W itself for a Gather table) through an integer DequantizeLinear; its output name.
+    ``ort_matmulnbits`` turns DequantizeLinear → MatMul into MatMulNBits, → Gather into
+    GatherBlockQuantized."""
+    tensors, dq = dequantize_linear_initializers(name, qweight, transposed)
     g.initializers.extend(tensors)
     g.nodes.append(dq)
-    return g.op("MatMul", [x, dq.output[0]])
+    return dq.output[0]
 
 
 def _linear(g: _Graph, x: str, name: str, modules: list[torch.nn.Linear], qweights: list) -> str:
     """One matmul for linears sharing the input x, their outputs concatenated (q/k/v), plus bias."""
     if all(q is not None for q in qweights):
-        out = _int4_matmul(g, x, name, concat_rows(qweights))
+        out = g.op("MatMul", [x, _dequantized(g, f"{name}.weight", concat_rows(qweights))])
     else:  # float weights (an unquantized model, or roles left in float)
         out = _float_matmul(g, x, name, torch.cat([m.weight for m in modules]))
     if any(m.bias is not None for m in modules):
@@ -149,10 +153,8 @@ def _embedding(g: _Graph, model, adapter: Adapter, tables: dict[str, QuantizedWe
     """(hidden states [b, s, d] of input_ids, the float table's initializer name or "" when int4)."""
     table = tables.get(adapter.embed_path)
     if table is not None:
-        tensors, dq = dequantize_linear_initializers(f"{adapter.embed_path}.weight", table, transposed=False)
-        g.initializers.extend(tensors)
-        g.nodes.append(dq)
-        return g.op("Gather", [dq.output[0], "input_ids"]), ""
+        dequantized = _dequantized(g, f"{adapter.embed_path}.weight", table, transposed=False)
+        return g.op("Gather", [dequantized, "input_ids"]), ""
     name = g.constant(
         f"{adapter.embed_path}.weight", adapter.embedding(model).weight.detach().float().numpy()
     )
@@ -160,15 +162,12 @@ def _embedding(g: _Graph, model, adapter: Adapter, tables: dict[str, QuantizedWe
 
 
 def _lm_head(g: _Graph, x: str, model, adapter: Adapter, weights, embed_table: str) -> None:
-    """logits [b, s, vocab]: int4 MatMulNBits, or Gemm with transB on the float [vocab, d] table
+    """logits [b, s, vocab]: MatMulNBits, or Gemm with transB on the float [vocab, d] table
     (shared with the embedding when they are tied, so it is stored once)."""
     head = adapter.lm_head(model)
     qweight = weights.get(adapter.lm_head_path)
     if qweight is not None:
-        tensors, dq = dequantize_linear_initializers(f"{adapter.lm_head_path}.weight", qweight)
-        g.initializers.extend(tensors)
-        g.nodes.append(dq)
-        g.op("MatMul", [x, dq.output[0]], ["logits"])
+        g.op("MatMul", [x, _dequantized(g, f"{adapter.lm_head_path}.weight", qweight)], ["logits"])
         return
     tied = embed_table and head.weight.data_ptr() == adapter.embedding(model).weight.data_ptr()
     table = (
@@ -187,7 +186,7 @@ def build_fused_decoder(
     model, adapter: Adapter, weights: dict[str, QuantizedWeight], tables: dict[str, QuantizedWeight],
     opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:  # fmt: skip
-    """The fused decoder-with-past graph of ``model`` (int4 weights as DequantizeLinear → MatMul).
+    """The fused decoder-with-past graph of ``model`` (integer weights as DequantizeLinear → MatMul).
 
     weights: QuantizedWeight by module name (adapter.linear_name; lm_head by its path), the
     model's float weight for any linear not in it; tables: the int4 embedding, if any.
