@@ -68,7 +68,8 @@ class BoAOptions:
     row_block: output rows of every head quantized jointly (TurboBoA); 1 = exact row-by-row BoA.
     relaxed_v: W_V uses the plain input Hessian (no attention weighting), saving heads × d_in² memory.
     v_out_proj: W_V's row Hessian comes from o_proj (W_O,hᵀ W_O,h: its error is weighed where it
-    reaches the residual stream); False = identity (the attention output before o_proj).
+    reaches the residual stream); False = identity (the attention output before o_proj). Off by
+    default: on SmolLM2 it moved W4 g128 from 33.10 to 33.40 and W4A4 from 58.25 to 57.50.
     row_percdamp: dampening of the row Hessians.
     alpha: strength of the correction for the error of the blocks quantized before (TurboBoA): each
     weight targets W X_fp, the output on the unquantized model's inputs, instead of W X (0 = off;
@@ -77,7 +78,7 @@ class BoAOptions:
 
     row_block: int = 16
     relaxed_v: bool = False
-    v_out_proj: bool = True
+    v_out_proj: bool = False
     row_percdamp: float = 0.01
     alpha: float = 0.0
 

@@ -283,3 +283,14 @@ def test_value_loss_through_o_proj_is_kronecker_exact_per_head():
         [w_o[:, h * hd : (h + 1) * hd].T @ w_o[:, h * hd : (h + 1) * hd] for h in range(heads)]
     )
     torch.testing.assert_close(grouped[0], per_head.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_boa_with_the_o_proj_row_hessian_for_v_beats_rtn():
+    errors = {}
+    for method, options in (("rtn", BoAOptions()), ("boa", BoAOptions(v_out_proj=True))):
+        model = tiny_model("qwen2")
+        ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+        config = QuantConfig(method=method, weights=WeightQuantConfig(bits=3, group_size=-1), boa=options)
+        result = quantize_model(model, adapter_for(model), config, ids, batch_size=4, progress=False)
+        errors[method] = result.block_output_rel_error[-1]
+    assert errors["boa"] < errors["rtn"]

@@ -14,7 +14,7 @@ output alone. Per head, the loss is approximated by a Kronecker-factored quadrat
                 H_row = mean_h W_O,hᵀ W_O,h over the same heads (W_O,h [d, hd] the columns of o_proj
                 that read head h: the error then reaches the block's residual through o_proj).
                 ``relaxed_v`` uses the plain H_col instead, which needs no per-head d_in² matrices;
-                ``v_out_proj=False`` uses H_row = I (the attention output before o_proj).
+                without ``v_out_proj`` (the default), H_row = I (the attention output before o_proj).
 
 With U_row, U_col the upper Cholesky factors of H_row⁻¹ and H_col⁻¹, the inverse Hessian of the
 row-major vec(ΔW) has the upper factor U_row ⊗ U_col, so GPTQ over vec(W) splits into (1) a GPTQ
