@@ -61,6 +61,7 @@ from edgeq.models.loading import load_model
 from edgeq.pipeline import quantize_model
 from edgeq.rotation.rotate import rotate_model
 from exporters import export_onnx
+from exporters.onnx_qdq import onnx_bytes
 
 README_MARKER = "compare results"
 BLOCK = 128
@@ -184,11 +185,6 @@ def lm_head_format(model_path: Path) -> str:
             kind = inits[dq.input[0]].data_type
             return "int8" if kind in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) else "int4"
     return "float"
-
-
-def onnx_bytes(folder: Path) -> int:
-    """model.onnx and its external data file, whatever the exporter named it (model.onnx_data, .data)."""
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
 
 
 class _CalibrationFeeds:

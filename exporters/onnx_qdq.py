@@ -278,6 +278,11 @@ def export_qdq(
     return write_model(graph_model, out_dir, replaced)
 
 
+def onnx_bytes(folder: Path) -> int:
+    """model.onnx and its external data file, whatever the exporter named it (model.onnx_data, .data)."""
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
+
+
 def write_model(graph_model: onnx.ModelProto, out_dir: Path, replaced: int) -> OnnxExportInfo:
     """Save ``out_dir/model.onnx`` (replacing any earlier one and its external data), check it with
     ``onnx.checker`` (full_check) and describe it."""
@@ -285,5 +290,5 @@ def write_model(graph_model: onnx.ModelProto, out_dir: Path, replaced: int) -> O
     (out_dir / EXTERNAL_DATA_FILE).unlink(missing_ok=True)
     external = save_onnx(graph_model, path)
     onnx.checker.check_model(str(path), full_check=True)
-    total = sum(p.stat().st_size for p in out_dir.glob("model.onnx*"))
+    total = onnx_bytes(out_dir)
     return OnnxExportInfo(path, replaced, total, external, component_bytes(graph_model))
