@@ -43,8 +43,9 @@ def test_gptq_loss_is_below_rtn(config, act_order):
 
 def test_gptq_with_a_diagonal_hessian_is_rtn():
     """Uncorrelated inputs leave nothing to compensate: GPTQ without clipping rounds to nearest."""
-    w = torch.randn(16, 64)
-    h = torch.diag(torch.rand(64) + 0.5)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=g)
+    h = torch.diag(torch.rand(64, generator=g) + 0.5)
     for config in CONFIGS[:2]:
         gptq = gptq_quantize(w, h, config, GPTQOptions(clip_grid=1, act_order=False))
         assert torch.equal(gptq.codes, rtn_quantize(w, config).codes)
@@ -54,7 +55,10 @@ def test_gptq_zeroes_dead_columns_and_the_clip_search_helps():
     h = spd(64, 3)
     h[5, :] = 0
     h[:, 5] = 0
-    w = torch.randn(16, 64)
+    # The clip search picks each row's grid before GPTQ's error feedback, so it lowers the loss on
+    # average, not on every row: on 16 unseeded rows it lost in 15 of 100 draws (the known flake of
+    # this file). On 128 rows it wins for every seed tried (loss ratio 0.89-0.97 over seeds 0-19).
+    w = torch.randn(128, 64, generator=torch.Generator().manual_seed(4))
     config = WeightQuantConfig(bits=3, group_size=-1)
     q = gptq_quantize(w, h, config)
     assert torch.all(q.dequantize()[:, 5] == 0)
@@ -77,7 +81,7 @@ def test_boa_kronecker_loss_is_below_gptq_under_the_same_row_hessian(config, row
 def test_boa_with_identity_row_hessians_is_gptq():
     heads, hd, d_in = 2, 8, 64
     h_col = spd(d_in, 4)
-    w = torch.randn(heads * hd, d_in)
+    w = torch.randn(heads * hd, d_in, generator=torch.Generator().manual_seed(6))
     config = WeightQuantConfig(bits=4, group_size=16)
     eye = torch.eye(hd).expand(heads, hd, hd)
     boa = kronecker_quantize(w, eye, h_col, config, BoAOptions(row_block=4))
@@ -88,7 +92,7 @@ def test_per_head_column_hessians():
     """W_V's case: one column Hessian per head; the result is in the original row order."""
     heads, hd, d_in = 2, 8, 48
     h_col = torch.stack([spd(d_in, 5), spd(d_in, 6)])
-    w = torch.randn(heads * hd, d_in)
+    w = torch.randn(heads * hd, d_in, generator=torch.Generator().manual_seed(7))
     config = WeightQuantConfig(bits=4, group_size=16)
     eye = torch.eye(hd).expand(heads, hd, hd)
     boa = kronecker_quantize(w, eye, h_col, config)
@@ -102,7 +106,7 @@ def test_rope_matrices_match_transformers_rotary():
     hd = 18
     positions = torch.arange(7)[None]
     cos, sin = model.model.rotary_emb(torch.zeros(1, 7, hd), positions)
-    x = torch.randn(1, 1, 7, hd)
+    x = torch.randn(1, 1, 7, hd, generator=torch.Generator().manual_seed(9))
     expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
     r = rope_matrices(cos[0], sin[0])
     torch.testing.assert_close(torch.einsum("lij,lj->li", r, x[0, 0]), expected[0, 0])
@@ -192,7 +196,7 @@ def test_gqa_shapes(model_type):
 
 
 def test_hessian_accumulators_agree_in_float64_and_float32():
-    x = torch.randn(5, 300, 40) * 3 + 1
+    x = torch.randn(5, 300, 40, generator=torch.Generator().manual_seed(8)) * 3 + 1
     acc32, acc64 = HessianAccumulator(40), HessianAccumulator(40, torch.float64)
     for chunk in x:
         acc32.add(chunk)
