@@ -75,6 +75,12 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--threads", type=int, default=2, help="ORT threads for the latency timings (%(default)s)"
     )
+    group.add_argument(
+        "--latency-runs", type=int, default=5, help="timed prefill + decode runs for p50/p90 (%(default)s)"
+    )
+    group.add_argument(
+        "--decode-tokens", type=int, default=64, help="greedy decode steps per timed run (%(default)s)"
+    )
 
 
 def _gates_from_args(args: argparse.Namespace) -> dict[str, float]:
@@ -263,6 +269,8 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
             providers=_providers(args.providers),
             gates=_gates_from_args(args),
             threads=args.threads,
+            latency_runs=args.latency_runs,
+            decode_tokens=args.decode_tokens,
         ),
     )
 
@@ -322,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             from edgeq.validate import format_table, junit_xml, validate
 
             result = validate(args.folder, list(_providers(args.providers)), _gates_from_args(args),
-                              args.threads, progress)  # fmt: skip
+                              args.threads, progress, latency_runs=args.latency_runs,
+                              decode_tokens=args.decode_tokens)  # fmt: skip
             print(format_table(result))
             if args.junit:
                 args.junit.parent.mkdir(parents=True, exist_ok=True)

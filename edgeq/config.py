@@ -183,7 +183,8 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity on non-overlapping windows of the WikiText-2 test string (no BOS token).
+    """Perplexity on non-overlapping windows of the WikiText-2 test string, with the model's BOS
+    convention (``edgeq.data.bos_convention``).
 
     max_windows: evaluate only the first N windows (None = the whole string).
     """
@@ -203,13 +204,16 @@ class ValidationConfig:
     """The checks ``edgeq export`` runs on its artifact at the end (``edgeq validate`` runs the same).
 
     providers: ONNX Runtime execution providers to try ("cpu", "cuda"); those missing here are
-    skipped with the reason. threads: intra-op threads for the latency measurements.
+    skipped with the reason. threads: intra-op threads for the latency measurements; latency_runs
+    timed runs (after one warm-up) of a 128-token prefill and decode_tokens greedy steps.
     """
 
     enabled: bool = True
     providers: tuple[str, ...] = ("cpu", "cuda")
     gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
     threads: int = 2
+    latency_runs: int = 5
+    decode_tokens: int = 64
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def perplexity(
     logits_fn: LogitsFn, windows: torch.Tensor, desc: str = "perplexity", progress: bool = True
 ) -> float:
-    """exp of the mean next-token NLL over windows [n, L] (each window scored on its own, no BOS)."""
+    """exp of the mean next-token NLL over windows [n, L] (each window scored on its own; a BOS
+    at its start is context, never a target)."""
     nlls = []
     for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
         nlls.append(window_nll(logits_fn(ids[None])[0], ids))

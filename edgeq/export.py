@@ -17,19 +17,27 @@ from typing import Any
 import edgeq
 from edgeq.artifact import atomic_folder, check_destination
 from edgeq.config import ExportConfig
-from edgeq.data import eval_windows, prepare_text_data, wikitext2_test_string
+from edgeq.data import bos_convention, eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
 from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
 from edgeq.latency import measure_decode
 from edgeq.manifest import calibration_sha256, weights_sha256, write_manifest, write_model_card
-from edgeq.models.adapters import adapter_for
-from edgeq.models.loading import load_config, load_model, load_tokenizer, resolve_model, weight_files
+from edgeq.models.adapters import adapter_for_config
+from edgeq.models.loading import (
+    ModelSource,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    weight_files,
+)
 from edgeq.pipeline import quantize_model
 from edgeq.quant import method_class
 from edgeq.report_md import write_report_md
 from edgeq.rotation.rotate import rotate_model
 from edgeq.validate import (
     check_gates,
+    check_latency_settings,
     format_table,
     fp_reference,
     provider_status,
@@ -92,6 +100,7 @@ def validate_inputs(config: ExportConfig) -> None:
         raise EdgeqError("--eval-windows must be a positive number or 'all'")
     if config.validation.enabled:
         check_gates(config.validation.gates)
+        check_latency_settings(config.validation.latency_runs, config.validation.decode_tokens)
         provider_status(list(config.validation.providers))
 
 
@@ -110,19 +119,18 @@ def run_export(
     check_destination(out, overwrite)
     timings: dict[str, float] = {}
     source = resolve_model(config.model)
-    load_config(source)
+    adapter = adapter_for_config(load_config(source))
 
     # Tokenize before loading the weights: short or empty text fails in seconds, not minutes.
     with _timed(timings, "data_s"):
         tokenizer = load_tokenizer(source)
-        data = prepare_text_data(tokenizer, config.calibration, config.evaluation)
+        data = prepare_text_data(tokenizer, config.calibration, config.evaluation, adapter)
     windows = data.evaluation
     log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
 
     log.info("loading %s", config.model)
     with _timed(timings, "load_s"):
         model = load_model(source)
-    adapter = adapter_for(model)
     report: dict[str, Any] = {
         "edgeq_version": edgeq.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -139,7 +147,8 @@ def run_export(
             "shape": list(data.calibration.shape),
         },
         "evaluation": {
-            "text": "WikiText-2 raw test, the papers' string, no BOS",
+            "text": f"WikiText-2 raw test, the papers' string; {data.bos.describe()}",
+            "bos": data.bos.to_dict(),
             "windows": windows.shape[0],
             "seq_len": windows.shape[1],
         },
@@ -217,8 +226,9 @@ def run_export(
         write_fp_reference(tmp, reference)
         if config.validation.enabled:
             with _timed(timings, "validate_s"):
-                validation = validate(tmp, list(config.validation.providers), config.validation.gates,
-                                      config.validation.threads, progress, report)  # fmt: skip
+                v = config.validation
+                validation = validate(tmp, list(v.providers), v.gates, v.threads, progress, report,
+                                      v.latency_runs, v.decode_tokens)  # fmt: skip
             report["validation"] = validation.to_dict()
             log.info("validation:\n%s", format_table(validation))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -236,14 +246,15 @@ def fp32_onnx_speed(model, config: ExportConfig) -> dict[str, Any]:
     decode_speedup gate divides by."""
     with tempfile.TemporaryDirectory(prefix="edgeq-fp32-") as tmp:
         export_qdq(model, {}, Path(tmp), config.onnx_opset)
-        threads = config.validation.threads
-        speed = measure_decode(OrtCausalLM(tmp, ONNX_PROVIDER, threads=threads), 128, 64, repeats=5)
+        v = config.validation
+        lm = OrtCausalLM(tmp, ONNX_PROVIDER, threads=v.threads)
+        speed = measure_decode(lm, 128, v.decode_tokens, repeats=v.latency_runs)
     log.info("FP32 ONNX decode: %.1f tokens/s", speed["decode_tokens_per_s"]["p50"])
     return {
         "fp32_onnx_decode_tokens_per_s": speed["decode_tokens_per_s"]["p50"],
         "fp32_onnx_prefill_ms": speed["prefill_ms"]["p50"],
         "provider": ONNX_PROVIDER,
-        "threads": threads,
+        "threads": v.threads,
         "machine": platform.platform(),
     }
 
@@ -280,15 +291,17 @@ def evaluate(
     """Perplexity of an artifact folder in ORT (it holds model.onnx) or of a model in PyTorch."""
     folder = Path(model_spec)
     eval_text = wikitext2_test_string(text)
-    if (folder / "model.onnx").exists():
-        from transformers import AutoTokenizer
-
-        windows = eval_windows(AutoTokenizer.from_pretrained(folder), eval_text, seq_len, max_windows)
+    # an artifact folder holds the config and tokenizer of its source model, so both paths read the
+    # model's BOS convention the same way
+    is_artifact = (folder / "model.onnx").exists()
+    source = ModelSource(model_spec, str(folder)) if is_artifact else resolve_model(model_spec)
+    tokenizer = load_tokenizer(source)
+    bos = bos_convention(tokenizer, adapter_for_config(load_config(source)))
+    windows = eval_windows(tokenizer, eval_text, seq_len, max_windows, bos.token_id)
+    if is_artifact:
         logits_fn = OrtCausalLM(folder, provider=ONNX_PROVIDER, accuracy_level=accuracy_level).logits
         runtime = f"onnxruntime CPU (MatMulNBits accuracy level {accuracy_level})"
     else:
-        source = resolve_model(model_spec)
-        windows = eval_windows(load_tokenizer(source), eval_text, seq_len, max_windows)
         logits_fn = torch_logits_fn(load_model(source))
         runtime = "pytorch"
     ppl = perplexity(logits_fn, windows, "perplexity", progress)
@@ -298,4 +311,5 @@ def evaluate(
         "perplexity": ppl,
         "windows": windows.shape[0],
         "seq_len": windows.shape[1],
+        "bos": bos.to_dict(),
     }

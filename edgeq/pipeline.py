@@ -55,9 +55,11 @@ class _StopForward(Exception):
     pass
 
 
-def _recorder(store: list[dict], hidden_store: list[torch.Tensor] | None, last: bool):
+def _recorder(adapter: Adapter, store: list[dict], hidden_store: list[torch.Tensor] | None, last: bool):
     """A forward that records what a decoder block receives instead of computing it. It replaces
-    the block's ``forward`` only, so the module keeps its attributes (e.g. Gemma3's attention_type)."""
+    the block's ``forward`` only, so the module keeps its attributes (e.g. Gemma3's attention_type),
+    and returns its input as the block would return its output (a tuple for Gemma3: the model
+    indexes it, and a bare tensor would lose a dimension per block)."""
 
     def forward(hidden_states, *args, **kwargs):
         if args:
@@ -67,7 +69,7 @@ def _recorder(store: list[dict], hidden_store: list[torch.Tensor] | None, last: 
             hidden_store.append(hidden_states.detach())
         if last:
             raise _StopForward
-        return hidden_states
+        return adapter.block_output(hidden_states)
 
     return forward
 
@@ -84,7 +86,8 @@ def capture_block_inputs(
         for start in range(0, input_ids.shape[0], batch_size):
             stores: list[list[dict]] = [[] for _ in blocks]
             for i, block in enumerate(blocks):
-                block.forward = _recorder(stores[i], hidden if i == 0 else None, last=i == len(blocks) - 1)
+                last = i == len(blocks) - 1
+                block.forward = _recorder(adapter, stores[i], hidden if i == 0 else None, last)
             with contextlib.suppress(_StopForward):
                 model(input_ids[start : start + batch_size], use_cache=False)
             per_batch.append([store[0] for store in stores])
@@ -190,7 +193,7 @@ def quantize_model(
             )
             layer.weight.data.copy_(dequant)
             result.weights[name] = qweights[role]
-        hidden = [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
+        hidden = [block_forward(adapter, block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
         if fp_hidden is not None:
             fp_hidden = ctx.fp_outputs
         result.block_output_rel_error.append(_rel_error(hidden, fp_out))

@@ -140,7 +140,15 @@ def provider_status(names: list[str]) -> dict[str, str | None]:
     return status
 
 
-def validate_provider(folder: Path, provider: str, ref: FPReference, threads: int, progress: bool) -> dict:
+def validate_provider(
+    folder: Path,
+    provider: str,
+    ref: FPReference,
+    threads: int,
+    progress: bool,
+    latency_runs: int = 5,
+    decode_tokens: int = 64,
+) -> dict:
     """Every measurement of one execution provider, in the session options the receiving team gets
     (MatMulNBits accuracy level as ORT or the graph sets it)."""
     with PeakRSS() as peak:
@@ -149,7 +157,7 @@ def validate_provider(folder: Path, provider: str, ref: FPReference, threads: in
         metrics["generation_ok"] = greedy_generation_is_finite(
             lm, ref.ids[:1, :16].astype(np.int64), GENERATE_TOKENS
         )
-        metrics |= measure_decode(lm, prompt_len=128, new_tokens=64, repeats=5)
+        metrics |= measure_decode(lm, prompt_len=128, new_tokens=decode_tokens, repeats=latency_runs)
     metrics["peak_rss_bytes"] = peak.peak
     return metrics
 
@@ -209,6 +217,11 @@ def apply_gates(values: dict[str, float | None], gates: dict[str, float], provid
     return results
 
 
+def check_latency_settings(latency_runs: int, decode_tokens: int) -> None:
+    if latency_runs < 1 or decode_tokens < 1:
+        raise EdgeqError("--latency-runs and --decode-tokens must be at least 1")
+
+
 def check_gates(gates: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(gates) - set(GATES))
     if unknown:
@@ -244,12 +257,15 @@ def validate(
     threads: int = 2,
     progress: bool = True,
     report: dict | None = None,
+    latency_runs: int = 5,
+    decode_tokens: int = 64,
 ) -> ValidationResult:
     """Validate the artifact in ``folder`` on each requested provider that exists here."""
     folder = Path(folder)
     if not (folder / "model.onnx").exists():
         raise EdgeqError(f"{folder} is not an edgeq artifact: no model.onnx")
     gates = check_gates(gates)
+    check_latency_settings(latency_runs, decode_tokens)
     if report is None:
         report_path = folder / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -259,7 +275,7 @@ def validate(
         if skipped:
             result.providers[provider] = {"skipped": skipped}
             continue
-        metrics = validate_provider(folder, provider, ref, threads, progress)
+        metrics = validate_provider(folder, provider, ref, threads, progress, latency_runs, decode_tokens)
         result.providers[provider] = metrics
         values = gate_values(metrics, report, ref, result.files_bytes)
         result.gates += apply_gates(values, gates, provider)

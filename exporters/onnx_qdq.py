@@ -148,6 +148,41 @@ def replace_weights_with_qdq(
     return len(new_nodes)
 
 
+def share_tied_table(graph_model: onnx.ModelProto) -> int:
+    """Store a tied embedding once: a float initializer that equals the transpose of a Gather
+    table (what optimum writes for a tied lm_head when it cannot match the two, e.g. Gemma3's scaled
+    embedding) becomes a Transpose of that table. Returns how many copies were dropped."""
+    graph = graph_model.graph
+    inits = {init.name: init for init in graph.initializer}
+    tables = {
+        node.input[0]
+        for node in graph.node
+        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
+    }
+    dropped = 0
+    for table_name in sorted(tables):
+        table = inits[table_name]
+        if table.data_type != TensorProto.FLOAT:
+            continue
+        transposed_shape = list(reversed(table.dims))
+        candidates = [
+            init for init in graph.initializer
+            if init.data_type == TensorProto.FLOAT and list(init.dims) == transposed_shape
+        ]  # fmt: skip
+        if not candidates:
+            continue
+        digest = _digest(numpy_helper.to_array(table).T)
+        for copy in candidates:
+            if _digest(numpy_helper.to_array(copy)) != digest:
+                continue
+            graph.initializer.remove(copy)
+            transpose = helper.make_node("Transpose", [table_name], [copy.name], perm=[1, 0])
+            transpose.name = f"{copy.name}_Transpose"
+            graph.node.insert(0, transpose)
+            dropped += 1
+    return dropped
+
+
 # an 8-bit Q → Clip(4-bit range) → DQ, as edgeq.activations.PerTokenFakeQuant emits a 4-bit pair
 _NARROW = {TensorProto.INT8: (TensorProto.INT4, -8, 7), TensorProto.UINT8: (TensorProto.UINT4, 0, 15)}
 
@@ -271,6 +306,7 @@ def export_qdq(
         fp_path = export_decoder_with_past(model, Path(tmp), opset)
         graph_model = onnx.load(str(fp_path))
         replaced = replace_weights_with_qdq(graph_model, weights, tables)
+        share_tied_table(graph_model)
         narrow_activation_qdq(graph_model)
         for extra in Path(tmp).iterdir():
             if extra.suffix == ".json" and not (out_dir / extra.name).exists():

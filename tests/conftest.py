@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -27,16 +28,25 @@ _COMMON = dict(
 )
 
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "qwen2": lambda: Qwen2Config(**_COMMON),
-    "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, sliding_window=8),
+    "llama": lambda **fields: LlamaConfig(**{**_COMMON, **fields}),
+    "qwen2": lambda **fields: Qwen2Config(**{**_COMMON, **fields}),
+    "gemma3_text": lambda **fields: Gemma3TextConfig(**{**_COMMON, "sliding_window": 8, **fields}),
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides):
-    """A tiny random model; ``overrides`` set config fields (e.g. head_dim=16)."""
+def tiny_model(model_type: str, seed: int = 0, config_kwargs: dict | None = None, **overrides):
+    """A tiny random model; ``overrides`` set config fields (e.g. head_dim=16).
+
+    config_kwargs go to the config's constructor instead, for fields it derives others from
+    (num_hidden_layers → Gemma3's layer_types, use_sliding_window → Qwen2's sliding_window). A
+    model_type outside TINY_CONFIGS (e.g. "mistral") gets the common tiny sizes.
+    """
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[model_type]()
+    config_kwargs = config_kwargs or {}
+    if model_type in TINY_CONFIGS:
+        config = TINY_CONFIGS[model_type](**config_kwargs)
+    else:
+        config = AutoConfig.for_model(model_type, **{**_COMMON, **config_kwargs})
     for key, value in overrides.items():
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config)

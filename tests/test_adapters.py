@@ -110,3 +110,20 @@ def test_unsupported_architecture_is_a_one_line_error_naming_the_supported(confi
     assert config.model_type in message
     for supported in ("llama", "qwen2", "gemma3_text"):
         assert supported in message
+
+
+def test_block_output_kind_is_what_the_block_returns(model_type):
+    """Whether a block returns a tuple is declared, and the declaration is checked against the model
+    (the recorder that stands in for blocks during calibration returns the declared kind)."""
+    model = tiny_model(model_type)
+    adapter = adapter_for(model)
+    seen = []
+    hook = adapter.blocks(model)[0].register_forward_hook(lambda _m, _args, output: seen.append(output))
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (1, 6)))
+    hook.remove()
+    assert isinstance(seen[0], tuple) == adapter.block_returns_tuple
+    assert adapter.block_hidden(seen[0]).shape == (1, 6, model.config.hidden_size)
+    wrong_kind = seen[0][0] if adapter.block_returns_tuple else (seen[0],)
+    with pytest.raises(EdgeqError, match="changed the block's interface"):
+        adapter.block_hidden(wrong_kind)

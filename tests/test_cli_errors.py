@@ -152,6 +152,7 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--act-bits", "4", "--act-clip", "0"], "clip ratio"),
         (["--format", "tflite"], "unknown format 'tflite'"),
         (["--kv-bits", "2"], "KV cache bits must be"),
+        (["--latency-runs", "0"], "--latency-runs and --decode-tokens must be at least 1"),
     ],
     ids=[
         "scheme",
@@ -163,6 +164,7 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         "act-clip",
         "format",
         "kv-bits",
+        "latency-runs",
     ],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import byte_tokenizer
 
-from edgeq.data import eval_windows, read_documents, sample_calibration, wikitext2_test_string
+from edgeq.data import bos_convention, eval_windows, read_documents, sample_calibration, wikitext2_test_string
 from edgeq.errors import EdgeqError
+from edgeq.models.adapters import GEMMA3, LLAMA
 
 REAL_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 
@@ -90,6 +91,40 @@ def test_eval_windows_no_bos(tok):
     text = "abcdefgh"
     windows = eval_windows(tok, text, seq_len=8)
     assert windows.tolist() == [_ids(tok, text)]
+
+
+def test_eval_windows_with_bos_start_with_it_and_still_tile_the_text(tok):
+    text = "the quick brown fox jumps over the lazy dog " * 5
+    ids = _ids(tok, text)
+    windows = eval_windows(tok, text, seq_len=16, bos_id=1)
+    n = len(ids) // 15
+    assert windows.shape == (n, 16)
+    assert windows[:, 0].tolist() == [1] * n
+    assert windows[:, 1:].reshape(-1).tolist() == ids[: n * 15]
+
+
+def test_calibration_windows_with_bos_start_with_it(tok):
+    docs = ["abcdefghijklmnopqrstuvwxyz" * 2, "0123456789" * 4]
+    plain = sample_calibration(tok, docs, num_sequences=6, seq_len=12, seed=3)
+    with_bos = sample_calibration(tok, docs, num_sequences=6, seq_len=12, seed=3, bos_id=1)
+    assert with_bos.shape == plain.shape == (6, 12)
+    assert with_bos[:, 0].tolist() == [1] * 6
+    texts = ["".join(d) for d in docs]
+    for row in with_bos[:, 1:].tolist():  # 11 consecutive characters of one document
+        assert any(tok.decode(row).replace(" ", "") in t for t in texts)
+
+
+def test_bos_convention_follows_the_tokenizer_unless_the_adapter_declares_one():
+    no_bos = byte_tokenizer()
+    assert bos_convention(no_bos).token_id is None
+    with pytest.raises(EdgeqError, match="tokenizer has none"):
+        bos_convention(no_bos, GEMMA3)
+    with_bos = byte_tokenizer()
+    with_bos.add_special_tokens({"bos_token": "<eos>"})  # a BOS token the tokenizer does not add
+    assert bos_convention(with_bos, LLAMA).token_id is None  # Llama follows the tokenizer
+    declared = bos_convention(with_bos, GEMMA3)
+    assert (declared.token_id, declared.source) == (with_bos.bos_token_id, "adapter")
+    assert "BOS (id 1)" in declared.describe() and "adapter" in declared.describe()
 
 
 def test_eval_windows_max_windows_caps(tok):

@@ -265,3 +265,27 @@ def test_int8_lm_head_in_both_formats(weights, tmp_path):
         torch.testing.assert_close(
             OrtCausalLM(tmp_path / fmt, accuracy_level=0).logits(ids), expected, rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_tied_float_table_is_stored_once_in_the_qdq_graph(model_type, tmp_path):
+    """optimum shares a tied Llama table through a Transpose but writes Gemma3's (a scaled embedding)
+    twice; the exporter stores it once either way."""
+    model = tiny_model(model_type, intermediate_size=80)  # no other weight of the table's shape
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    info = onnx_qdq.export_qdq(model, {}, tmp_path)
+    table = model.model.embed_tokens.weight.detach().numpy()
+    inits = onnx.load(str(info.path)).graph.initializer
+    copies = [
+        i.name
+        for i in inits
+        if sorted(i.dims) == sorted(table.shape)
+        and (np.array_equal(a := onnx.numpy_helper.to_array(i), table) or np.array_equal(a, table.T))
+    ]
+    assert len(copies) == 1, copies
+    assert info.components["embedding"] == table.nbytes and info.components["lm_head"] == 0
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    torch.testing.assert_close(OrtCausalLM(tmp_path).logits(ids), expected, rtol=1e-4, atol=1e-4)

@@ -28,7 +28,7 @@ def test_captured_inputs_replay_the_full_model(model_type):
         for index, block in enumerate(adapter.blocks(model)):
             torch.testing.assert_close(torch.cat(hidden), reference[index])
             kwargs = [batch[index] for batch in inputs.kwargs]
-            hidden = [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
+            hidden = [block_forward(adapter, block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
 def test_rtn_pipeline_sets_weights_to_their_integer_values(model_type):

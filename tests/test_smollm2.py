@@ -16,9 +16,9 @@ import torch
 
 from edgeq.cli import main
 from edgeq.config import CalibrationConfig, EvalConfig, ExportConfig, QuantConfig, WeightQuantConfig
-from edgeq.data import prepare_text_data
+from edgeq.data import bos_convention, prepare_text_data
 from edgeq.evaluation import perplexity, torch_logits_fn
-from edgeq.models.adapters import adapter_for
+from edgeq.models.adapters import adapter_for, adapter_for_config
 from edgeq.models.loading import _builtin_gguf_path, load_config, load_model, load_tokenizer, resolve_model
 from edgeq.pipeline import quantize_model
 
@@ -123,6 +123,17 @@ def test_kv_cache_decode_matches_a_full_prefill(smollm2_artifact):
         }
     np.testing.assert_allclose(result["logits"][0, -1], full, rtol=1e-3, atol=1e-3)
     assert math.isfinite(float(np.abs(full).max()))
+
+
+def test_smollm2_has_no_bos_as_its_gguf_says_through_both_loaders():
+    """transformers' GGUF converter builds a tokenizer that adds BOS; SmolLM2's GGUF says it must not
+    (tokenizer.ggml.add_bos_token = false), and its evaluation keeps the papers' no-BOS protocol."""
+    for spec in ("smollm2-135m", str(_builtin_gguf_path("smollm2-135m"))):
+        source = resolve_model(spec)
+        tokenizer = load_tokenizer(source)
+        assert tokenizer("Hello").input_ids == tokenizer("Hello", add_special_tokens=False).input_ids
+        bos = bos_convention(tokenizer, adapter_for_config(load_config(source)))
+        assert bos.token_id is None and bos.source == "tokenizer"
 
 
 def test_a_gguf_file_path_resolves_to_a_llama():

@@ -52,6 +52,12 @@ class Adapter:
     branch_norms: norms applied to a block's branch output before the residual add (Gemma3); a
     residual-stream rotation does not commute with them.
     norm_offset: RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma.
+    block_returns_tuple: whether a decoder block returns ``(hidden_states, ...)`` (Gemma3 in
+    transformers 4.57) rather than the bare tensor (Llama, Qwen2, Mistral); the model indexes the
+    tuple, so anything standing in for a block must return the same kind.
+    bos: True when the architecture is trained with BOS at the start of every sequence whatever its
+    tokenizer file says (Gemma); None to follow the tokenizer (Llama-3 adds BOS, SmolLM2 and Qwen2 do
+    not).
     rope: how RoPE is applied to q and k ("rotate_half": pairs (i, i + head_dim/2)).
     rope_kwargs: the block keyword that carries (cos, sin) [b, L, head_dim], by the block's
     ``attention_type`` ("" when the architecture has one kind of attention layer).
@@ -60,6 +66,9 @@ class Adapter:
     rotary_path: the model's rotary embedding module (called as ``rotary(x, position_ids)``).
     fused_graph_unsupported: why ORT's fused decoder graph (``exporters.ort_fused``) cannot express
     this architecture ("" = it can); the ort format then converts optimum's graph instead.
+    rotary_paths: the rotary module by ``attention_type`` where the layer kinds use different RoPE
+    bases (Gemma3: local and global); a kind not listed uses ``rotary_path``.
+    activation_key: the config field naming the MLP's gate activation (a transformers ACT2FN name).
     """
 
     name: str
@@ -70,6 +79,8 @@ class Adapter:
     branch_norms: tuple[str, ...] = ()
     qk_norms: tuple[str, ...] = ()
     norm_offset: float = 0.0
+    block_returns_tuple: bool = False
+    bos: bool | None = None
     qkv_bias: bool = False
     rope: str = "rotate_half"
     rope_kwargs: dict[str, str] = field(default_factory=lambda: {"": "position_embeddings"})
@@ -81,9 +92,26 @@ class Adapter:
     inexact_rotations: dict[str, str] = field(default_factory=dict)
     rotary_path: str = "model.rotary_emb"
     fused_graph_unsupported: str = ""
+    rotary_paths: dict[str, str] = field(default_factory=dict)
+    activation_key: str = "hidden_act"
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
+
+    def block_output(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+        """What a decoder block returns for its output hidden states [b, L, d]."""
+        return (hidden,) if self.block_returns_tuple else hidden
+
+    def block_hidden(self, output) -> torch.Tensor:
+        """The hidden states [b, L, d] in what a decoder block returned; an error when the block
+        returned another kind than this adapter declares (a transformers version that changed it)."""
+        if isinstance(output, tuple) != self.block_returns_tuple:
+            raise EdgeqError(
+                f"{self.name} decoder blocks returned a {type(output).__name__}, but the adapter declares "
+                f"{'a tuple' if self.block_returns_tuple else 'a tensor'}: this transformers version "
+                "changed the block's interface"
+            )
+        return output[0] if self.block_returns_tuple else output
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The block's quantizable linears by role, in LINEAR_ROLES order (inside their
@@ -141,9 +169,6 @@ class Adapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)
 
-    def rotary(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.rotary_path)
-
     def attention_shape(self, config: PretrainedConfig) -> AttentionShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -153,6 +178,31 @@ class Adapter:
             head_dim=head_dim,
             hidden_size=config.hidden_size,
         )
+
+    def attention_type(self, config: PretrainedConfig, layer_index: int) -> str:
+        """Layer ``layer_index``'s kind in ``config.layer_types`` ("full_attention",
+        "sliding_attention"), or "" when the config does not list kinds (Llama, Mistral)."""
+        layer_types = getattr(config, "layer_types", None)
+        return layer_types[layer_index] if layer_types else ""
+
+    def sliding_window(self, config: PretrainedConfig, layer_index: int) -> int | None:
+        """How many keys a query of layer ``layer_index`` sees (itself and the sliding_window - 1
+        before it, transformers' ``kv_idx > q_idx - sliding_window``), or None: all earlier ones.
+
+        The kind comes from ``layer_types`` where the config has it (Gemma3's pattern, Qwen2's
+        max_window_layers); otherwise a set sliding_window covers every layer (Mistral).
+        use_sliding_window=False turns it off (Qwen2 also clears sliding_window then).
+        """
+        window = getattr(config, "sliding_window", None)
+        if not window or getattr(config, "use_sliding_window", True) is False:
+            return None
+        if getattr(config, "layer_types", None):
+            return window if self.attention_type(config, layer_index) == "sliding_attention" else None
+        return window
+
+    def layer_rotary_path(self, config: PretrainedConfig, layer_index: int) -> str:
+        """Path of the rotary module whose (cos, sin) layer ``layer_index`` applies."""
+        return self.rotary_paths.get(self.attention_type(config, layer_index), self.rotary_path)
 
 
 LLAMA = Adapter(name="llama", model_types=("llama", "mistral"))
@@ -164,16 +214,18 @@ GEMMA3 = Adapter(
     branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
     norm_offset=1.0,
+    block_returns_tuple=True,
+    bos=True,
     inexact_rotations={
         "r1": "the post-attention and post-feedforward norms sit on the residual branch, "
         "so a residual-stream rotation does not commute with them"
     },
-    fused_graph_unsupported="q/k norms, residual-branch norms, GELU, embedding scaling and sliding-window "
-    "layers are not in ORT's fused decoder operators",
     rope_kwargs={
         "full_attention": "position_embeddings_global",
         "sliding_attention": "position_embeddings_local",
     },
+    rotary_paths={"full_attention": "model.rotary_emb", "sliding_attention": "model.rotary_emb_local"},
+    activation_key="hidden_activation",
 )
 
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, QWEN2, GEMMA3)

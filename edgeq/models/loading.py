@@ -71,6 +71,29 @@ def _builtin_gguf_path(name: str) -> Path:
     return ggufs[0]
 
 
+# Written into a converted folder; a folder without it (or with an older one) is converted again.
+# 2: the tokenizer follows the GGUF's add_bos_token (SmolLM2's says no BOS).
+CONVERSION_MARKER, CONVERSION_VERSION = ".edgeq-conversion", "2"
+
+
+def gguf_add_bos_token(gguf: Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token`` (None when the file does not say)."""
+    import gguf as gguf_lib
+
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None or not field.data else bool(field.parts[field.data[0]][0])
+
+
+def load_gguf_tokenizer(gguf: Path):
+    """The tokenizer of a GGUF checkpoint, adding BOS exactly when the GGUF says so: transformers'
+    converter builds a Llama tokenizer that always adds it (SmolLM2's GGUF says it must not)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    add_bos = gguf_add_bos_token(gguf)
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = add_bos  # the setter rebuilds the post-processor
+    return tokenizer
+
+
 def convert_gguf_to_folder(gguf: Path, dest: Path) -> Path:
     """Dequantize a GGUF checkpoint to a float32 safetensors folder (written atomically)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -79,9 +102,9 @@ def convert_gguf_to_folder(gguf: Path, dest: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        load_gguf_tokenizer(gguf).save_pretrained(tmp)
+        (tmp / CONVERSION_MARKER).write_text(CONVERSION_VERSION + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -94,7 +117,8 @@ def resolve_model(spec: str) -> ModelSource:
     """Turn ``--model`` into a ModelSource; a clear error for a path that does not exist."""
     if spec in BUILTIN_GGUF:
         dest = cache_dir() / "models" / spec
-        if not (dest / "config.json").exists():
+        marker = dest / CONVERSION_MARKER
+        if not marker.exists() or marker.read_text().strip() != CONVERSION_VERSION:
             convert_gguf_to_folder(_builtin_gguf_path(spec), dest)
         return ModelSource(spec=spec, path=str(dest))
     path = Path(spec).expanduser()
@@ -150,6 +174,8 @@ def weight_files(source: ModelSource) -> list[Path]:
 
 
 def load_tokenizer(source: ModelSource):
+    if source.gguf_file:
+        return load_gguf_tokenizer(Path(source.path) / source.gguf_file)
     return AutoTokenizer.from_pretrained(source.path, **source.load_kwargs())
 
 

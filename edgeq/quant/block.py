@@ -13,10 +13,9 @@ from edgeq.models.adapters import Adapter
 from edgeq.quant.boa import apply_rope
 
 
-def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder block on hidden [b, L, d] → [b, L, d] (blocks of some architectures return tuples)."""
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def block_forward(adapter: Adapter, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder block on hidden [b, L, d] → [b, L, d] (what the block returns is an adapter fact)."""
+    return adapter.block_hidden(block(hidden, **kwargs))
 
 
 @dataclass
@@ -45,14 +44,14 @@ class BlockContext:
         return self.adapter.linears(self.block)
 
     def run(self, batch: int) -> torch.Tensor:
-        out = block_forward(self.block, self.hidden[batch], self.kwargs[batch])
+        out = block_forward(self.adapter, self.block, self.hidden[batch], self.kwargs[batch])
         if len(self.outputs) == batch:
             self.outputs.append(out)
         return out
 
     def run_fp(self, batch: int) -> torch.Tensor:
         with float_activations(self.block):
-            out = block_forward(self.block, self.fp_hidden[batch], self.kwargs[batch])
+            out = block_forward(self.adapter, self.block, self.fp_hidden[batch], self.kwargs[batch])
         self.fp_outputs.append(out)
         return out
 
