@@ -76,10 +76,16 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=2, help="ORT threads for the latency timings (%(default)s)"
     )
     group.add_argument(
-        "--latency-runs", type=int, default=5, help="timed prefill + decode runs for p50/p90 (%(default)s)"
+        "--latency-runs",
+        type=int,
+        default=ValidationConfig.latency_runs,
+        help="timed prefill + decode runs for p50/p90 (%(default)s)",
     )
     group.add_argument(
-        "--decode-tokens", type=int, default=64, help="greedy decode steps per timed run (%(default)s)"
+        "--decode-tokens",
+        type=int,
+        default=ValidationConfig.decode_tokens,
+        help="greedy decode steps per timed run (%(default)s)",
     )
 
 

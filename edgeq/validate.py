@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from edgeq.config import ValidationConfig
 from edgeq.errors import EdgeqError
 from edgeq.evaluation import LogitsFn, OrtCausalLM
 from edgeq.latency import PeakRSS, measure_decode
@@ -146,8 +147,8 @@ def validate_provider(
     ref: FPReference,
     threads: int,
     progress: bool,
-    latency_runs: int = 5,
-    decode_tokens: int = 64,
+    latency_runs: int = ValidationConfig.latency_runs,
+    decode_tokens: int = ValidationConfig.decode_tokens,
 ) -> dict:
     """Every measurement of one execution provider, in the session options the receiving team gets
     (MatMulNBits accuracy level as ORT or the graph sets it)."""
@@ -257,8 +258,8 @@ def validate(
     threads: int = 2,
     progress: bool = True,
     report: dict | None = None,
-    latency_runs: int = 5,
-    decode_tokens: int = 64,
+    latency_runs: int = ValidationConfig.latency_runs,
+    decode_tokens: int = ValidationConfig.decode_tokens,
 ) -> ValidationResult:
     """Validate the artifact in ``folder`` on each requested provider that exists here."""
     folder = Path(folder)
