@@ -199,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(GroupQueryAttention, SkipSimplifiedLayerNormalization) where the model allows, otherwise in "
         "optimum's graph (default %(default)s)",
     )
+    export.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where calibration and quantization run, one block at a time (auto: CUDA when torch sees "
+        "one; default %(default)s)",
+    )
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="float type of the exported graph; float16 for ORT's CUDA provider, --format ort only "
+        "(default %(default)s)",
+    )
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.add_argument(
@@ -209,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of a model (PyTorch) or an exported folder (ONNX Runtime)")
     ev.add_argument(
         "--model", default=DEFAULT_MODEL, help="artifact folder with model.onnx, or a model as for export"
+    )
+    ev.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where a PyTorch model runs"
     )
     ev.add_argument(
         "--accuracy-level",
@@ -270,6 +287,8 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         calibration=CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed),
         evaluation=EvalConfig(args.eval_text, args.eval_seq_len, args.eval_windows),
         format=args.format,
+        device=args.device,
+        dtype=args.dtype,
         validation=ValidationConfig(
             enabled=not args.no_validate,
             providers=_providers(args.providers),
@@ -330,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.eval_windows,
                 args.accuracy_level,
                 progress,
+                args.device,
             )
             print(json.dumps(result))
         elif args.command == "validate":

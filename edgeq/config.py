@@ -227,6 +227,10 @@ class ExportConfig:
     onnx_opset: int = 21
     format: str = "qdq"
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # where calibration and quantization run ("cpu", "cuda", or "auto": CUDA when torch sees one)
+    device: str = "auto"
+    # the exported graph's float type ("float32" or "float16"; the CUDA provider needs float16)
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples as lists), as ``edgeq_config.json`` holds them."""
@@ -250,6 +254,8 @@ class ExportConfig:
             onnx_opset=data.get("onnx_opset", 21),
             format=data.get("format", "qdq"),
             validation=_validation_from_dict(data.get("validation", {})),
+            device=data.get("device", "auto"),
+            dtype=data.get("dtype", "float32"),
         )
 
 

@@ -77,7 +77,12 @@ class OrtCausalLM:
     accuracy_level: the MatMulNBits accuracy level, whether ORT fuses int4 DequantizeLinear → MatMul
     into MatMulNBits or the graph holds them (0 = float32 compute, exact to the fake-quantized
     weights; 4 = int8 activations, faster; None = as ORT and the graph set it, what a user gets).
+
+    The cache is fed in the element type each past input declares (float32, or float16 in a float16
+    graph); logits come back as float32 whatever the graph's logits output is.
     """
+
+    FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
     def __init__(
         self,
@@ -107,8 +112,13 @@ class OrtCausalLM:
                 "session.model_external_initializers_file_folder_path", str(model_dir)
             )
             source = graph.SerializeToString()
+        if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from torch or the nvidia-* wheels (onnxruntime-gpu >= 1.21)
         self.session = ort.InferenceSession(source, options, providers=[provider])
+        self.provider = provider
         self.input_names = {i.name for i in self.session.get_inputs()}
+        # the cache's element type as the graph declares it: float32, or float16 in a float16 graph
+        self.input_dtypes = {i.name: self.FLOAT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         config = json.loads((model_dir / "config.json").read_text())
         self.num_layers = config["num_hidden_layers"]
@@ -116,13 +126,28 @@ class OrtCausalLM:
         self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.vocab_size = config["vocab_size"]
 
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers the session really runs on (ORT falls back to the CPU when, say, the CUDA
+        provider's libraries fail to load)."""
+        return self.session.get_providers()
+
+    def _past_dtype(self, name: str) -> type:
+        dtype = self.input_dtypes.get(name, np.float32)
+        if dtype is None:
+            raise EdgeqError(f"the graph's input {name} is neither float32 nor float16")
+        return dtype
+
+    @staticmethod
+    def _float32(array: np.ndarray) -> np.ndarray:
+        """float32 logits whatever the graph's output dtype (a float32 array comes back as it is)."""
+        return array if array.dtype == np.float32 else array.astype(np.float32)
+
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """An empty cache [b, kv heads, 0, head dim] per layer, in the dtype each past input declares."""
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return {
-            f"past_key_values.{i}.{kv}": np.zeros(shape, np.float32)
-            for i in range(self.num_layers)
-            for kv in ("key", "value")
-        }
+        names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return {name: np.zeros(shape, self._past_dtype(name)) for name in names}
 
     def prefill_feeds(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
         """The graph's inputs for a fresh prefill of input_ids [b, L] (empty cache)."""
@@ -151,7 +176,7 @@ class OrtCausalLM:
             for name, value in outputs.items()
             if name.startswith("present")
         }
-        return outputs["logits"], present
+        return self._float32(outputs["logits"]), present
 
     def generate_greedy(self, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
         """Greedy decoding with the KV cache: prompt [1, L] → the new token ids [new_tokens]."""
@@ -167,4 +192,4 @@ class OrtCausalLM:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""
         (logits,) = self.session.run(["logits"], self.prefill_feeds(input_ids))
-        return torch.from_numpy(logits)
+        return torch.from_numpy(self._float32(logits))

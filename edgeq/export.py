@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import platform
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import edgeq
 from edgeq.artifact import atomic_folder, check_destination
 from edgeq.config import ExportConfig
 from edgeq.data import bos_convention, eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
-from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
+from edgeq.evaluation import OrtCausalLM, perplexity
 from edgeq.latency import measure_decode
 from edgeq.manifest import calibration_sha256, weights_sha256, write_manifest, write_model_card
+from edgeq.memory import fix_mmap_threshold, trim_heap
 from edgeq.models.adapters import adapter_for_config
+from edgeq.models.lazy import (
+    Checkpoint,
+    checkpoint_bytes,
+    empty_model,
+    load_block,
+    load_outer,
+    open_checkpoint,
+    release,
+)
 from edgeq.models.loading import (
     ModelSource,
     load_config,
@@ -30,22 +44,33 @@ from edgeq.models.loading import (
     load_tokenizer,
     resolve_model,
     weight_files,
+    weights_folder,
 )
-from edgeq.pipeline import quantize_model
+from edgeq.pipeline import (
+    EvalStreams,
+    QuantizationResult,
+    advance,
+    capture_block_inputs,
+    quantize_embedding_table,
+    quantize_lm_head,
+    run_blocks,
+)
 from edgeq.quant import method_class
 from edgeq.report_md import write_report_md
-from edgeq.rotation.rotate import rotate_model
+from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head
+from edgeq.scoring import agreement_with, score_stream
 from edgeq.validate import (
+    TOP_K,
     check_gates,
     check_latency_settings,
     format_table,
-    fp_reference,
     provider_status,
     validate,
     write_fp_reference,
 )
-from exporters import export_onnx
+from exporters import graph_writer
 from exporters.onnx_qdq import export_qdq
+from exporters.ort_fused import architecture_blockers, scheme_blockers
 
 log = logging.getLogger("edgeq")
 
@@ -62,16 +87,30 @@ MIN_TOP1_AGREEMENT = 0.99
 # one W4A4 SmolLM2 agree on only 42% of greedy tokens. Parity is then statistical: perplexity within
 # this tolerance, top-1 agreement reported but not required.
 ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS = 0.02
+# A float16 graph against the PyTorch model run in float16: the two runtimes accumulate and round
+# float16 in different orders, so the bar is wider than float32's.
+ONNX_PARITY_TOLERANCE_FP16, MIN_TOP1_AGREEMENT_FP16 = 0.01, 0.98
+
+DEVICES = ("auto", "cpu", "cuda")
+GRAPH_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+BATCH_SIZE = 8  # windows per block forward
 
 
-def parity(quant_ppl: float, onnx_ppl: float, top1: float, activations_quantized: bool) -> dict[str, Any]:
+def parity(
+    quant_ppl: float, onnx_ppl: float, top1: float, activations_quantized: bool, dtype: str = "float32"
+) -> dict[str, Any]:
     """The export's ONNX-vs-PyTorch parity verdict (see the tolerances above)."""
     rel = abs(onnx_ppl - quant_ppl) / quant_ppl
-    tolerance = ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS if activations_quantized else ONNX_PARITY_TOLERANCE
-    min_top1 = None if activations_quantized else MIN_TOP1_AGREEMENT
+    half = dtype == "float16"
+    if activations_quantized:
+        tolerance, min_top1 = ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS, None
+    elif half:
+        tolerance, min_top1 = ONNX_PARITY_TOLERANCE_FP16, MIN_TOP1_AGREEMENT_FP16
+    else:
+        tolerance, min_top1 = ONNX_PARITY_TOLERANCE, MIN_TOP1_AGREEMENT
     return {
-        "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs the PyTorch fake-quantized model: "
-        "relative perplexity difference and greedy top-1 agreement"
+        "what": "ONNX Runtime CPU (MatMulNBits accuracy level 0) vs the PyTorch fake-quantized model "
+        f"in {dtype}: relative perplexity difference and greedy top-1 agreement"
         + (
             " (not required with quantized activations: rounding flips cascade)"
             if activations_quantized
@@ -92,6 +131,14 @@ def validate_inputs(config: ExportConfig) -> None:
     method_class(config.quant.method)
     if config.format not in FORMATS:
         raise EdgeqError(f"unknown format '{config.format}': choose one of {', '.join(FORMATS)}")
+    if config.device not in DEVICES:
+        raise EdgeqError(f"unknown device '{config.device}': choose one of {', '.join(DEVICES)}")
+    if config.dtype not in GRAPH_TORCH_DTYPES:
+        raise EdgeqError(f"unknown dtype '{config.dtype}': choose one of {', '.join(GRAPH_TORCH_DTYPES)}")
+    if config.dtype == "float16" and config.format != "ort":
+        raise EdgeqError(
+            "--dtype float16 is written for --format ort (the fused graph); qdq graphs are float32"
+        )
     if config.calibration.num_sequences < 1 or config.calibration.seq_len < 2:
         raise EdgeqError("calibration needs at least 1 sequence of at least 2 tokens")
     if config.evaluation.seq_len < 2:
@@ -111,13 +158,62 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = round(time.perf_counter() - start, 3)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, or auto (CUDA when torch sees one); a one-line error for CUDA that
+    is not there."""
+    if name not in DEVICES:
+        raise EdgeqError(f"unknown device '{name}': choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgeqError(
+            "--device cuda: this torch build sees no CUDA GPU (torch.cuda.is_available() is False)"
+        )
+    return torch.device(name)
+
+
+def storage_dtype(checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """How calibration activations are stored between blocks: in the model's own dtype when that
+    is float16 or bfloat16 (half the memory), else float32. Blocks always compute in float32."""
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+@dataclass
+class CheckpointBlocks:
+    """The blocks of a model whose weights are on disk: read when loaded, freed when done, unless
+    the writer needs the whole model (``keep``: the block moves to the CPU and stays)."""
+
+    model: torch.nn.Module
+    adapter: Any
+    checkpoint: Checkpoint
+    keep: bool = False
+
+    def load(self, index: int, device: torch.device | str) -> torch.nn.Module:
+        return load_block(self.model, self.adapter, self.checkpoint, index, device)
+
+    def done(self, index: int, block: torch.nn.Module) -> None:
+        if self.keep:
+            block.to("cpu")
+        else:
+            release(block)
+
+
 def run_export(
     config: ExportConfig, out: Path, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Run the whole export into ``out`` (written atomically) and return the report."""
+    """Run the whole export into ``out`` (written atomically) and return the report.
+
+    One pass over the decoder blocks does everything that needs the model: each block is read from
+    the checkpoint onto the device, takes the FP evaluation windows one block further, is rotated
+    (the rotated windows), quantized on the calibration stream, written into the graph, takes the
+    quantized evaluation windows one block further, and is freed. Peak memory is one block, the
+    streams' hidden states, the embedding and lm_head.
+    """
     validate_inputs(config)
     check_destination(out, overwrite)
-    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
+    fix_mmap_threshold()  # one block's tensors at a time must not leave the heap fragmented
+    timings: dict[str, Any] = {}
     source = resolve_model(config.model)
     adapter = adapter_for_config(load_config(source))
 
@@ -128,9 +224,12 @@ def run_export(
     windows = data.evaluation
     log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
 
-    log.info("loading %s", config.model)
+    log.info("loading %s (block by block, on %s)", config.model, device)
     with _timed(timings, "load_s"):
-        model = load_model(source)
+        checkpoint = open_checkpoint(weights_folder(source))
+        model = empty_model(load_config(source))
+        load_outer(model, adapter, checkpoint)
+        stored = storage_dtype(checkpoint.floating_dtype())
     report: dict[str, Any] = {
         "edgeq_version": edgeq.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -141,6 +240,7 @@ def run_export(
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "config": config.to_dict(),
+        "device": {"calibration": str(device), "activation_storage": str(stored).removeprefix("torch.")},
         "calibration": {
             "file": str(data.calibration_file),
             "documents": data.num_documents,
@@ -154,43 +254,87 @@ def run_export(
         },
         "timings_s": timings,
     }
-    fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ppl: dict[str, Any] = {}
-    with _timed(timings, "eval_fp_torch_s"):
-        reference = fp_reference(windows, torch_logits_fn(model), progress=progress)
-    ppl["fp_torch"] = reference.fp_perplexity
-    log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
+    fp_bytes = checkpoint_bytes(model)
     if config.validation.enabled and "decode_speedup" in config.validation.gates:
         with _timed(timings, "fp32_onnx_speed_s"):
-            report["reference_speed"] = fp32_onnx_speed(model, config)
+            report["reference_speed"] = fp32_onnx_speed(load_model(source), config)
 
-    kv_quantized = config.quant.activations.kv_bits < 16
-    rotation = rotate_model(model, adapter, config.quant.rotation, kv_quantized)
-    report["rotation"] = dataclasses.asdict(rotation)
-    for name, why in rotation.skipped.items():
+    quant = config.quant
+    plan = plan_rotations(adapter, model.config, quant.rotation, quant.activations.kv_bits < 16)
+    report["rotation"] = dataclasses.asdict(plan.report)
+    for name, why in plan.report.skipped.items():
         log.info("rotation %s skipped: %s", name, why)
-    if rotation.applied:
-        log.info("rotations applied: %s", ", ".join(f"{k} ({v})" for k, v in rotation.applied.items()))
-        with _timed(timings, "eval_rotated_torch_s"):
-            ppl["rotated_torch"] = perplexity(torch_logits_fn(model), windows, "rotated perplexity", progress)
-        log.info("rotated perplexity (PyTorch, no quantization): %.3f", ppl["rotated_torch"])
-
-    result = quantize_model(model, adapter, config.quant, data.calibration, progress=progress)
-    timings["quantize_s"] = round(result.seconds, 3)
-
+    blockers = architecture_blockers(model.config, adapter) + scheme_blockers(
+        quant, plan.r3 is not None or plan.r4 is not None
+    )
+    graph_dtype = GRAPH_TORCH_DTYPES[config.dtype]
+    ppl: dict[str, Any] = {}
     with atomic_folder(out, overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
-        log.info("exporting ONNX (%s format)", config.format)
+        writer = graph_writer(model, adapter, tmp, config.format, blockers, config.onnx_opset, config.dtype)
+        blocks = CheckpointBlocks(model, adapter, checkpoint, keep=writer.keeps_blocks)
+        result = QuantizationResult()
+        with _timed(timings, "quantize_s"):
+            batch = BATCH_SIZE
+            fp_eval = capture_block_inputs(model, adapter, windows, batch)
+            rotate_embedding(model, adapter, plan)
+            calibration = capture_block_inputs(model, adapter, data.calibration, batch, stored)
+            rotated = capture_block_inputs(model, adapter, windows, batch) if plan.applied else None
+            quantize_embedding_table(model, adapter, quant, result)
+            quant_eval = (
+                capture_block_inputs(model, adapter, windows, batch)
+                if quant.quantize_embedding
+                else (rotated or fp_eval).with_hidden(list((rotated or fp_eval).hidden))
+            )
+            if plan.applied:
+                log.info("rotations: %s", ", ".join(f"{k} ({v})" for k, v in plan.report.applied.items()))
+            writer.begin(result.tables)
+            evals = EvalStreams(fp=fp_eval, rotated=rotated, quant=quant_eval, quant_dtype=graph_dtype)
+            streamed = run_blocks(model, adapter, blocks, quant, calibration, device=device,
+                                  storage_dtype=stored, plan=plan, evals=evals, on_block=writer.add_block,
+                                  keep_weights=writer.keeps_blocks, progress=progress)  # fmt: skip
+            result.weights |= streamed.weights
+            result.layers, result.block_seconds = streamed.layers, streamed.block_seconds
+            result.block_output_rel_error = streamed.block_output_rel_error
+        timings["blocks_s"] = result.block_seconds
+        checkpoint.close()
+
+        with _timed(timings, "eval_fp_torch_s"):
+            fp_scores = score_stream(
+                model, adapter, fp_eval, windows, top_k=TOP_K, desc="FP", progress=progress
+            )
+        reference = fp_scores.fp_reference(windows)
+        ppl["fp_torch"] = reference.fp_perplexity
+        log.info("FP perplexity (PyTorch): %.3f", ppl["fp_torch"])
+        rotate_head(model, adapter, plan)
+        if rotated is not None:
+            with _timed(timings, "eval_rotated_torch_s"):
+                ppl["rotated_torch"] = score_stream(
+                    model, adapter, rotated, windows, desc="rotated", progress=progress
+                ).perplexity
+            log.info("rotated perplexity (PyTorch, no quantization): %.3f", ppl["rotated_torch"])
+        quantize_lm_head(model, adapter, quant, result)
+        quant_scores = score_stream(model, adapter, quant_eval, windows, dtype=graph_dtype,
+                                    desc="quantized", progress=progress)  # fmt: skip
+
+        log.info("writing ONNX (%s format)", config.format)
+        # the writer keeps the last reference to the model, so a traced graph can free it
+        del model, blocks, fp_eval, rotated, quant_eval, calibration, evals
         with _timed(timings, "export_onnx_s"):
-            info = export_onnx(model, adapter, result, tmp, config.format, config.onnx_opset)
+            info = writer.finish(result.weights)
         if info.not_fused:
             log.info("ort format in optimum's graph, not the fused one: %s", "; ".join(info.not_fused))
+        del writer  # the ONNX sessions below get the memory the tables held
+        gc.collect()
+        trim_heap()
+        compared = {}
         with _timed(timings, "eval_quant_s"):
-            levels = {f"accuracy_level_{lvl}": OrtCausalLM(tmp, ONNX_PROVIDER, lvl).logits for lvl in (0, 4)}
-            compared = perplexities_and_agreement(
-                torch_logits_fn(model), levels, windows, "quantized: PyTorch vs ONNX", progress
-            )
-        ppl["quant_torch"] = compared.pop("reference")
+            for level in (0, 4):  # one session at a time
+                lm = OrtCausalLM(tmp, ONNX_PROVIDER, level)
+                compared |= agreement_with(quant_scores, {f"accuracy_level_{level}": lm.logits}, windows,
+                                           f"ONNX (accuracy level {level}) vs PyTorch", progress)  # fmt: skip
+                del lm
+        ppl["quant_torch"] = quant_scores.perplexity
         ppl["quant_onnx"] = {ONNX_PROVIDER: {k: v["perplexity"] for k, v in compared.items()}}
         agreement = {ONNX_PROVIDER: {k: v["top1_agreement"] for k, v in compared.items()}}
         ppl_onnx = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
@@ -198,11 +342,11 @@ def run_export(
         log.info("quantized perplexity: PyTorch %.3f, ONNX Runtime CPU %.3f (accuracy level 4: %.3f)",
                  ppl["quant_torch"], ppl_onnx, level4)  # fmt: skip
         top1 = agreement[ONNX_PROVIDER]["accuracy_level_0"]
-        acts_quantized = config.quant.activations.enabled or config.quant.activations.kv_bits < 16
+        acts_quantized = quant.activations.enabled or quant.activations.kv_bits < 16
         report |= {
             "perplexity": ppl,
             "top1_agreement_with_pytorch": agreement,
-            "onnx_parity": parity(ppl["quant_torch"], ppl_onnx, top1, acts_quantized),
+            "onnx_parity": parity(ppl["quant_torch"], ppl_onnx, top1, acts_quantized, config.dtype),
             "sizes_bytes": {
                 "fp32_parameters": fp_bytes,
                 "onnx_model": info.bytes_total,
@@ -213,6 +357,7 @@ def run_export(
                 "file": info.path.name,
                 "format": config.format,
                 "graph": info.graph,
+                "dtype": config.dtype,
                 "not_fused": list(info.not_fused),
                 "opset": config.onnx_opset,
                 "quantized_weights": info.replaced_weights,
@@ -287,8 +432,10 @@ def evaluate(
     max_windows: int | None,
     accuracy_level: int = 0,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of an artifact folder in ORT (it holds model.onnx) or of a model in PyTorch."""
+    """Perplexity of an artifact folder in ORT (it holds model.onnx) or of a model in PyTorch
+    (streamed block by block, as the export does)."""
     folder = Path(model_spec)
     eval_text = wikitext2_test_string(text)
     # an artifact folder holds the config and tokenizer of its source model, so both paths read the
@@ -301,10 +448,10 @@ def evaluate(
     if is_artifact:
         logits_fn = OrtCausalLM(folder, provider=ONNX_PROVIDER, accuracy_level=accuracy_level).logits
         runtime = f"onnxruntime CPU (MatMulNBits accuracy level {accuracy_level})"
+        ppl = perplexity(logits_fn, windows, "perplexity", progress)
     else:
-        logits_fn = torch_logits_fn(load_model(source))
         runtime = "pytorch"
-    ppl = perplexity(logits_fn, windows, "perplexity", progress)
+        ppl = streamed_perplexity(source, windows, resolve_device(device), progress)
     return {
         "model": model_spec,
         "runtime": runtime,
@@ -313,3 +460,22 @@ def evaluate(
         "seq_len": windows.shape[1],
         "bos": bos.to_dict(),
     }
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    source: ModelSource, windows: torch.Tensor, device: torch.device, progress: bool = True
+) -> float:
+    """The unquantized model's perplexity on windows [n, L], its blocks read from disk one at a time."""
+    config = load_config(source)
+    adapter = adapter_for_config(config)
+    checkpoint = open_checkpoint(weights_folder(source))
+    model = empty_model(config)
+    load_outer(model, adapter, checkpoint)
+    stream = capture_block_inputs(model, adapter, windows, BATCH_SIZE)
+    for index in range(len(adapter.blocks(model))):
+        block = load_block(model, adapter, checkpoint, index, device)
+        advance(stream, adapter, block, index, device)
+        release(block)
+    checkpoint.close()
+    return score_stream(model, adapter, stream, windows, desc="perplexity", progress=progress).perplexity

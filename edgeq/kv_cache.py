@@ -33,8 +33,12 @@ class KVQuant:
 
 def kv_quant_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """query [b, H, L, hd], key / value [b, Hkv, S, hd] → SDPA attention on the rotated queries and
-    keys with keys and values fake-quantized per (token, head)."""
-    spec: KVQuant = module.edgeq_kv
+    keys with keys and values fake-quantized per (token, head). A module without a KVQuant runs plain
+    SDPA: the streamed pipeline attaches them block by block, and a block not reached yet, or the FP
+    stream through a block, computes in float."""
+    spec: KVQuant | None = getattr(module, "edgeq_kv", None)
+    if spec is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     if spec.rotation is not None:
         query, key = spec.rotation(query), spec.rotation(key)
     if spec.bits < 16:

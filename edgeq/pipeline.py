@@ -1,16 +1,32 @@
-"""Block-by-block post-training quantization (the GPTQ recipe).
+"""Block-by-block post-training quantization (the GPTQ recipe), streamed.
 
-The calibration inputs of the first decoder block are captured once; then each block in turn
-collects its linears' activations, has them quantized, and is run again so that the next block is
-calibrated on the outputs of the already-quantized blocks before it. Only one block's inputs and
-outputs are held at a time.
+Token windows travel through the decoder blocks as ``Stream``s: the hidden states entering the
+next block, per batch, with the keyword arguments the model passes each block (recorded once, by
+running only the embedding: ``capture_block_inputs``). ``run_blocks`` takes one block at a time from
+a ``BlockSource`` (read from disk, or held in memory), on the calibration device:
+
+    load block i                                   (float32, on --device)
+    FP evaluation windows        → through it      (the source weights)
+    rotate it (RotationPlan)     → rotated windows (QuaRot's R1/R2/R4/R3, fused as before)
+    calibrate and quantize it on the calibration stream, which then goes through the quantized block
+    hand it to the writer (on_block)               (the fused graph appends it to the ONNX file)
+    quantized evaluation windows → through it      (with its activation quantization, in the graph dtype)
+    give it back                                   (freed, or kept for a writer that traces the model)
+
+so the next block is calibrated on the outputs of the already-quantized blocks before it, and memory
+holds one block, the streams' hidden states [N, L, d] and the embedding and lm_head, whatever the
+depth. Calibration activations are stored in the checkpoint's dtype when that is float16 or
+bfloat16 and move to the device a batch at a time; the blocks and the Hessians compute in float32.
+``quantize_model`` is the same pass over a model held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,20 +34,29 @@ from tqdm.auto import tqdm
 
 from edgeq.config import ActQuantConfig, QuantConfig
 from edgeq.kv_cache import kv_spec
+from edgeq.memory import trim_heap
 from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
-from edgeq.quant.block import BlockContext, block_forward
-from edgeq.quant.grid import rtn_quantize
-from edgeq.rotation.rotate import untie_lm_head
+from edgeq.quant.block import BlockContext, block_forward, to_device
+from edgeq.quant.grid import rtn_quantize_in_place
+from edgeq.rotation.rotate import RotationPlan, rotate_block, untie_lm_head
 
 
 @dataclass
-class BlockInputs:
-    """Per calibration batch: the first block's hidden states [b, L, d] and every block's
-    keyword arguments (attention mask, position embeddings, ...), as the model passed them."""
+class Stream:
+    """Token windows on their way through the decoder blocks.
+
+    hidden: per batch, the hidden states [b, L, d] entering the next block (on the CPU, in the
+    stream's storage dtype); kwargs: per batch, per block, the keyword arguments the model passes
+    that block (attention mask, RoPE cos/sin), recorded once by ``capture_block_inputs``.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[list[dict]]
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> Stream:
+        """The same windows with other hidden states (the kwargs are shared, not copied)."""
+        return Stream(hidden=hidden, kwargs=self.kwargs)
 
 
 @dataclass
@@ -48,6 +73,7 @@ class QuantizationResult:
     tables: dict[str, QuantizedWeight] = field(default_factory=dict)  # the embedding, when quantized
     layers: list[LayerStats] = field(default_factory=list)
     block_output_rel_error: list[float] = field(default_factory=list)  # per block, on calibration data
+    block_seconds: list[float] = field(default_factory=list)  # per block: load, calibrate, write
     seconds: float = 0.0
 
 
@@ -55,7 +81,13 @@ class _StopForward(Exception):
     pass
 
 
-def _recorder(adapter: Adapter, store: list[dict], hidden_store: list[torch.Tensor] | None, last: bool):
+def _recorder(
+    adapter: Adapter,
+    store: list[dict],
+    hidden_store: list[torch.Tensor] | None,
+    last: bool,
+    dtype: torch.dtype,
+):
     """A forward that records what a decoder block receives instead of computing it. It replaces
     the block's ``forward`` only, so the module keeps its attributes (e.g. Gemma3's attention_type),
     and returns its input as the block would return its output (a tuple for Gemma3: the model
@@ -66,7 +98,7 @@ def _recorder(adapter: Adapter, store: list[dict], hidden_store: list[torch.Tens
             raise TypeError("edgeq expects decoder blocks to take everything but hidden_states by keyword")
         store.append(kwargs)
         if hidden_store is not None:
-            hidden_store.append(hidden_states.detach())
+            hidden_store.append(hidden_states.detach().to(dtype))
         if last:
             raise _StopForward
         return adapter.block_output(hidden_states)
@@ -76,9 +108,12 @@ def _recorder(adapter: Adapter, store: list[dict], hidden_store: list[torch.Tens
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int
-) -> BlockInputs:
-    """Run the embedding part of the model on ``input_ids`` [N, L] and record each block's inputs."""
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Stream:  # fmt: skip
+    """Run the embedding part of the model on ``input_ids`` [N, L] and record each block's inputs
+    (the hidden states stored in ``dtype``). Only the modules before the first block run, so the
+    blocks may be on the meta device."""
     blocks = list(adapter.blocks(model))
     hidden: list[torch.Tensor] = []
     per_batch: list[list[dict]] = []
@@ -87,14 +122,14 @@ def capture_block_inputs(
             stores: list[list[dict]] = [[] for _ in blocks]
             for i, block in enumerate(blocks):
                 last = i == len(blocks) - 1
-                block.forward = _recorder(adapter, stores[i], hidden if i == 0 else None, last)
+                block.forward = _recorder(adapter, stores[i], hidden if i == 0 else None, last, dtype)
             with contextlib.suppress(_StopForward):
                 model(input_ids[start : start + batch_size], use_cache=False)
             per_batch.append([store[0] for store in stores])
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
-    return BlockInputs(hidden=hidden, kwargs=per_batch)
+    return Stream(hidden=hidden, kwargs=per_batch)
 
 
 def _rel_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
@@ -122,27 +157,189 @@ def quantize_block_activations(
 
 
 @torch.no_grad()
+def quantize_embedding_table(
+    model: nn.Module, adapter: Adapter, config: QuantConfig, result: QuantizationResult
+) -> None:
+    """Round the embedding table to the weights' grid when the config asks (lm_head untied first,
+    so it keeps its own weight)."""
+    if not config.quantize_embedding:
+        return
+    untie_lm_head(model, adapter)
+    embedding = adapter.embedding(model)
+    result.tables[adapter.embed_path] = rtn_quantize_in_place(embedding.weight.data, config.weights)
+
+
+@torch.no_grad()
+def quantize_lm_head(
+    model: nn.Module, adapter: Adapter, config: QuantConfig, result: QuantizationResult
+) -> None:
+    """Round lm_head to its own grid (``lm_head_bits``) when the config asks (untied first)."""
+    head = config.lm_head_weights
+    if head is None:
+        return
+    head.validate()
+    untie_lm_head(model, adapter)
+    module = adapter.lm_head(model)
+    result.weights[adapter.lm_head_path] = rtn_quantize_in_place(module.weight.data, head)
+
+
 def quantize_embedding_and_head(
     model: nn.Module, adapter: Adapter, config: QuantConfig, result: QuantizationResult
 ) -> None:
     """Round the embedding table (to the weights' grid) and lm_head (to its own, ``lm_head_bits``)
     when the config asks; a tied lm_head is untied first, so each keeps its own weight."""
-    head = config.lm_head_weights
-    if not (config.quantize_embedding or head):
+    if config.lm_head_weights is not None:
+        config.lm_head_weights.validate()
+    quantize_embedding_table(model, adapter, config, result)
+    quantize_lm_head(model, adapter, config, result)
+
+
+class BlockSource(Protocol):
+    """Where the decoder blocks come from: ``load`` hands block ``index`` (float32, on ``device``),
+    ``done`` takes it back once it was quantized and written."""
+
+    def load(self, index: int, device: torch.device | str) -> nn.Module: ...
+
+    def done(self, index: int, block: nn.Module) -> None: ...
+
+
+@dataclass
+class ResidentBlocks:
+    """The blocks of a model held in memory: moved to the device and back, kept quantized."""
+
+    model: nn.Module
+    adapter: Adapter
+
+    def load(self, index: int, device: torch.device | str) -> nn.Module:
+        return self.adapter.blocks(self.model)[index].to(device)
+
+    def done(self, index: int, block: nn.Module) -> None:
+        block.to("cpu")
+
+
+@dataclass
+class EvalStreams:
+    """The evaluation windows through three versions of each block: ``fp`` the source weights,
+    ``rotated`` after the rotations (None without), ``quant`` the quantized block with its
+    activation quantization, computed in ``quant_dtype`` (the exported graph's float type)."""
+
+    fp: Stream
+    rotated: Stream | None
+    quant: Stream
+    quant_dtype: torch.dtype = torch.float32
+
+
+BlockCallback = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
+
+
+def advance(
+    stream: Stream, adapter: Adapter, block: nn.Module, index: int, device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> None:  # fmt: skip
+    """Run every batch of ``stream`` through block ``index`` (computing in ``dtype`` on ``device``);
+    the outputs replace the stream's hidden states, in the dtype they were stored in."""
+    outputs = []
+    for hidden, kwargs in zip(stream.hidden, stream.kwargs, strict=True):
+        x = to_device(hidden, device, dtype)
+        out = block_forward(adapter, block, x, to_device(kwargs[index], device, dtype))
+        outputs.append(out.to(device="cpu", dtype=hidden.dtype))
+    stream.hidden = outputs
+
+
+@contextlib.contextmanager
+def in_dtype(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The module's floating parameters in ``dtype`` for the duration (float32 ones restored after)."""
+    if dtype == torch.float32:
+        yield
         return
-    if head is not None:
-        head.validate()
-    untie_lm_head(model, adapter)
-    parts = [
-        (adapter.embed_path, adapter.embedding(model), config.weights if config.quantize_embedding else None,
-         result.tables),
-        (adapter.lm_head_path, adapter.lm_head(model), head, result.weights),
-    ]  # fmt: skip
-    for name, module, grid, store in parts:
-        if grid is not None:
-            qweight = rtn_quantize(module.weight.data, grid)
-            module.weight.data.copy_(qweight.dequantize().to(module.weight.dtype))
-            store[name] = qweight
+    saved = {name: p.data for name, p in module.named_parameters()}
+    try:
+        module.to(dtype)
+        yield
+    finally:
+        for name, p in module.named_parameters():
+            p.data = saved[name]
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    blocks: BlockSource,
+    config: QuantConfig,
+    calibration: Stream,
+    *,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype = torch.float32,
+    plan: RotationPlan | None = None,
+    evals: EvalStreams | None = None,
+    on_block: BlockCallback | None = None,
+    keep_weights: bool = True,
+    progress: bool = True,
+) -> QuantizationResult:
+    """The block-by-block pass: each decoder block in turn is loaded onto ``device``, rotated
+    (``plan``), calibrated and quantized on the calibration stream, handed to ``on_block`` (the
+    writer) and given back, so only one block is ever resident. The evaluation streams, when given,
+    go through the block as it was loaded (fp), after rotation, and quantized.
+
+    Each block's weights become their dequantized integer values in place; the integer weights are
+    returned by module name. With activation quantization, each block's is switched on before its
+    weights are calibrated (``calibrate_quantized``, the default), so they see the activations they
+    will get, or after. ``keep_weights=False`` leaves the integer weights out of the result once
+    ``on_block`` has them (a writer that streams them: holding them would hold the whole model).
+    """
+    method = method_class(config.method)(config)
+    result = QuantizationResult()
+    hidden = calibration.hidden
+    # the unquantized model's block inputs, for methods that correct for earlier blocks' error
+    fp_hidden = list(hidden) if method.needs_fp_stream else None
+    act = config.activations
+    count = len(adapter.blocks(model))
+    bar = tqdm(range(count), desc=f"quantize {config.method}", unit="block", disable=not progress)
+    for index in bar:
+        start = time.perf_counter()
+        block = blocks.load(index, device)
+        with torch.device(device):  # what the methods allocate lands beside the block
+            if evals is not None:
+                advance(evals.fp, adapter, block, index, device)
+            if plan is not None and plan.applied:
+                rotate_block(model, adapter, block, plan)
+                if evals is not None and evals.rotated is not None:
+                    advance(evals.rotated, adapter, block, index, device)
+            kwargs = [batch[index] for batch in calibration.kwargs]
+            if act.enabled and act.calibrate_quantized:
+                quantize_block_activations(model, adapter, block, act)
+            ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden,
+                               device=device, storage_dtype=storage_dtype)  # fmt: skip
+            qweights = method.quantize_block(ctx)
+            fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
+            for role, layer in ctx.linears.items():
+                name = adapter.linear_name(index, role)
+                w = layer.weight.data
+                dequant = qweights[role].dequantize().to(device=w.device, dtype=w.dtype)
+                rel = float((dequant - w).norm() / w.norm().clamp_min(1e-12))
+                result.layers.append(LayerStats(name=name, block=index, role=role, weight_rel_error=rel))
+                layer.weight.data.copy_(dequant)
+                if keep_weights:
+                    result.weights[name] = qweights[role]
+            hidden = ctx.run_all()
+            if fp_hidden is not None:
+                fp_hidden = ctx.fp_outputs
+            if act.enabled and not act.calibrate_quantized:
+                quantize_block_activations(model, adapter, block, act)
+            result.block_output_rel_error.append(_rel_error(hidden, fp_out))
+            if on_block is not None:
+                on_block(index, block, {role: qweights[role] for role in ctx.linears})
+            if evals is not None:
+                with in_dtype(block, evals.quant_dtype):
+                    advance(evals.quant, adapter, block, index, device, evals.quant_dtype)
+        blocks.done(index, block)
+        del block, ctx, qweights, fp_out
+        trim_heap()
+        result.block_seconds.append(round(time.perf_counter() - start, 3))
+        bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
+    calibration.hidden = hidden
+    return result
 
 
 @torch.no_grad()
@@ -153,53 +350,20 @@ def quantize_model(
     calibration_ids: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> QuantizationResult:
-    """Quantize every decoder-block linear of ``model`` in place (weights become their dequantized
-    integer values) and return the integer weights by module name. With activation quantization,
-    each block's is switched on before its weights are calibrated (``calibrate_quantized``, the
-    default), so they see the activations they will get, or only at the end.
+    """Quantize every decoder-block linear of a model held in memory, in place (weights become their
+    dequantized integer values), and return the integer weights by module name: ``run_blocks`` over
+    its resident blocks, then the embedding and lm_head as the config asks.
 
     calibration_ids: LongTensor [N, L].
     """
     config.weights.validate()
     config.activations.validate()
-    method = method_class(config.method)(config)
     start = time.perf_counter()
-    result = QuantizationResult()
-    inputs = capture_block_inputs(model, adapter, calibration_ids, batch_size)
-    hidden = inputs.hidden
-    # the unquantized model's block inputs, for methods that correct for earlier blocks' error
-    fp_hidden = list(hidden) if method.needs_fp_stream else None
-    blocks = adapter.blocks(model)
-    bar = tqdm(blocks, desc=f"quantize {config.method}", unit="block", disable=not progress)
-    for index, block in enumerate(bar):
-        kwargs = [batch[index] for batch in inputs.kwargs]
-        if config.activations.enabled and config.activations.calibrate_quantized:
-            quantize_block_activations(model, adapter, block, config.activations)
-        ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden)
-        qweights = method.quantize_block(ctx)
-        fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
-        for role, layer in ctx.linears.items():
-            name = adapter.linear_name(index, role)
-            w = layer.weight.data
-            dequant = qweights[role].dequantize().to(w.dtype)
-            result.layers.append(
-                LayerStats(
-                    name=name,
-                    block=index,
-                    role=role,
-                    weight_rel_error=float((dequant - w).norm() / w.norm().clamp_min(1e-12)),
-                )
-            )
-            layer.weight.data.copy_(dequant)
-            result.weights[name] = qweights[role]
-        hidden = [block_forward(adapter, block, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
-        if fp_hidden is not None:
-            fp_hidden = ctx.fp_outputs
-        result.block_output_rel_error.append(_rel_error(hidden, fp_out))
-        bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
-    if config.activations.enabled:
-        enable_activation_quantization(model, adapter, config.activations)
+    calibration = capture_block_inputs(model, adapter, calibration_ids, batch_size)
+    result = run_blocks(model, adapter, ResidentBlocks(model, adapter), config, calibration,
+                        device=device, progress=progress)  # fmt: skip
     quantize_embedding_and_head(model, adapter, config, result)
     result.seconds = time.perf_counter() - start
     return result

@@ -141,6 +141,14 @@ def provider_status(names: list[str]) -> dict[str, str | None]:
     return status
 
 
+def fallback_reason(provider: str, active: list[str]) -> str:
+    """Why a provider that this onnxruntime build lists is skipped all the same."""
+    why = f"ONNX Runtime could not start {provider} here and ran the session on {', '.join(active)}"
+    if provider == "CUDAExecutionProvider":
+        why += " (no usable GPU, or the CUDA / cuDNN libraries that onnxruntime-gpu needs are missing)"
+    return why
+
+
 def validate_provider(
     folder: Path,
     provider: str,
@@ -151,9 +159,12 @@ def validate_provider(
     decode_tokens: int = ValidationConfig.decode_tokens,
 ) -> dict:
     """Every measurement of one execution provider, in the session options the receiving team gets
-    (MatMulNBits accuracy level as ORT or the graph sets it)."""
+    (MatMulNBits accuracy level as ORT or the graph sets it); ``{"skipped": why}`` when ORT could not
+    put the session on that provider (it falls back to the CPU, e.g. onnxruntime-gpu without a GPU)."""
     with PeakRSS() as peak:
         lm = OrtCausalLM(folder, provider=provider, accuracy_level=None, threads=threads)
+        if provider not in lm.active_providers:
+            return {"skipped": fallback_reason(provider, lm.active_providers)}
         metrics: dict[str, Any] = compare_with_fp(lm.logits, ref, progress)
         metrics["generation_ok"] = greedy_generation_is_finite(
             lm, ref.ids[:1, :16].astype(np.int64), GENERATE_TOKENS
@@ -278,6 +289,8 @@ def validate(
             continue
         metrics = validate_provider(folder, provider, ref, threads, progress, latency_runs, decode_tokens)
         result.providers[provider] = metrics
+        if "skipped" in metrics:
+            continue
         values = gate_values(metrics, report, ref, result.files_bytes)
         result.gates += apply_gates(values, gates, provider)
     return result

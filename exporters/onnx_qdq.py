@@ -304,13 +304,23 @@ def export_qdq(
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeq-onnx-") as tmp:
         fp_path = export_decoder_with_past(model, Path(tmp), opset)
-        graph_model = onnx.load(str(fp_path))
-        replaced = replace_weights_with_qdq(graph_model, weights, tables)
-        share_tied_table(graph_model)
-        narrow_activation_qdq(graph_model)
-        for extra in Path(tmp).iterdir():
-            if extra.suffix == ".json" and not (out_dir / extra.name).exists():
-                shutil.copy2(extra, out_dir / extra.name)
+        return qdq_from_trace(fp_path, weights, out_dir, tables)
+
+
+def qdq_from_trace(
+    fp_path: Path, weights: dict[str, QuantizedWeight], out_dir: Path,
+    tables: dict[str, QuantizedWeight] | None = None,
+) -> OnnxExportInfo:  # fmt: skip
+    """The QDQ model from optimum's float export at ``fp_path`` (its config files copied beside):
+    needs the integer weights only, not the PyTorch model, which may be freed before."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph_model = onnx.load(str(fp_path))
+    replaced = replace_weights_with_qdq(graph_model, weights, tables)
+    share_tied_table(graph_model)
+    narrow_activation_qdq(graph_model)
+    for extra in fp_path.parent.iterdir():
+        if extra.suffix == ".json" and not (out_dir / extra.name).exists():
+            shutil.copy2(extra, out_dir / extra.name)
     return write_model(graph_model, out_dir, replaced)
 
 

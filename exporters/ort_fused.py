@@ -46,6 +46,7 @@ reported by ``fused_graph_blockers``; the ort format then converts optimum's gra
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,13 +56,50 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.activations import QuantInputLinear
 from edgeq.models.adapters import Adapter
 from edgeq.quant.grid import QuantizedWeight, concat_rows
-from exporters.onnx_qdq import DEFAULT_OPSET, OnnxExportInfo, dequantize_linear_initializers, write_model
+from exporters.onnx_qdq import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_FILE,
+    MODEL_FILE,
+    OnnxExportInfo,
+    component_bytes,
+    dequantize_linear_initializers,
+    onnx_bytes,
+)
 from exporters.ort_matmulnbits import DEFAULT_ACCURACY_LEVEL, MS_DOMAIN, convert_to_matmulnbits
+
+ONLINE_OPS = "online rotations or quantized activations in front of the linears"
+KV_OPS = "quantized or rotated KV cache"
 
 
 def fused_graph_blockers(model, adapter: Adapter) -> list[str]:
-    """Why ``model`` cannot be written as the fused graph (empty: it can)."""
-    config = model.config
+    """Why ``model`` (held in memory, as quantized) cannot be written as the fused graph (empty: it
+    can)."""
+    reasons = architecture_blockers(model.config, adapter)
+    for module in model.modules():
+        if isinstance(module, QuantInputLinear) and (module.rotation is not None or module.quantize_input):
+            reasons.append(ONLINE_OPS)
+            break
+    for block in adapter.blocks(model):
+        if hasattr(adapter.attention(block), "edgeq_kv"):
+            reasons.append(KV_OPS)
+            break
+    return reasons
+
+
+def scheme_blockers(quant, online_rotations: bool) -> list[str]:
+    """What a quantization config (``edgeq.config.QuantConfig``) adds to the graph that the fused
+    operators cannot express, known before any block is quantized; online_rotations: whether R3/R4
+    will be applied."""
+    reasons = []
+    if online_rotations or quant.activations.enabled:
+        reasons.append(ONLINE_OPS)
+    if quant.activations.kv_bits < 16:
+        reasons.append(KV_OPS)
+    return reasons
+
+
+def architecture_blockers(config, adapter: Adapter) -> list[str]:
+    """Why the architecture of ``config`` cannot be written as the fused graph (empty: it can)."""
     reasons = [adapter.fused_graph_unsupported] if adapter.fused_graph_unsupported else []
     activation = getattr(config, adapter.activation_key, None)
     if activation not in MLP_ACTIVATIONS:
@@ -87,14 +125,6 @@ def fused_graph_blockers(model, adapter: Adapter) -> list[str]:
         reasons.append("bidirectional attention (GroupQueryAttention is causal)")
     if (getattr(config, "rope_scaling", None) or {}).get("rope_type") == "dynamic":
         reasons.append("dynamic RoPE scaling (the cos/sin cache would depend on the length)")
-    for module in model.modules():
-        if isinstance(module, QuantInputLinear) and (module.rotation is not None or module.quantize_input):
-            reasons.append("online rotations or quantized activations in front of the linears")
-            break
-    for block in adapter.blocks(model):
-        if hasattr(adapter.attention(block), "edgeq_kv"):
-            reasons.append("quantized or rotated KV cache")
-            break
     return reasons
 
 
@@ -128,16 +158,35 @@ def rope_frequencies(
     return (inv_freq, scale) if same else None
 
 
-class _Graph:
-    """Nodes and initializers of the graph being written, with unique names."""
+# The float types the graph may be written in (``--dtype``).
+GRAPH_DTYPES = {"float32": np.float32, "float16": np.float16}
 
-    def __init__(self):
+
+class _Graph:
+    """Nodes and initializers of the graph being written, with unique names: those of the part in
+    progress (``nodes``, ``initializers``) and those already flushed (``done_*``).
+
+    float_type: float32 constants are stored in this type unless ``exact``. sink: where large
+    constants go as soon as they are made (``ExternalData``), so a float table is written from its
+    array without a copy in a TensorProto; None keeps them in the graph."""
+
+    def __init__(self, float_type=np.float32, sink: ExternalData | None = None):
+        self.float_type = float_type
+        self.sink = sink
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.done_nodes: list[onnx.NodeProto] = []
+        self.done_initializers: list[onnx.TensorProto] = []
         self._count = 0
 
-    def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+    def constant(self, name: str, array: np.ndarray, exact: bool = False) -> str:
+        array = np.asarray(array)
+        if array.dtype == np.float32 and not exact:
+            array = array.astype(self.float_type)
+        if self.sink is not None and array.nbytes >= self.sink.MIN_BYTES:
+            self.done_initializers.append(self.sink.write_array(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
@@ -168,6 +217,13 @@ def _dequantized(g: _Graph, name: str, qweight: QuantizedWeight, transposed: boo
     ``ort_matmulnbits`` turns DequantizeLinear → MatMul into MatMulNBits, → Gather into
     GatherBlockQuantized."""
     tensors, dq = dequantize_linear_initializers(name, qweight, transposed)
+    if g.float_type != np.float32:  # the scales set DequantizeLinear's output type
+        tensors = [
+            numpy_helper.from_array(numpy_helper.to_array(t).astype(g.float_type), t.name)
+            if t.data_type == TensorProto.FLOAT
+            else t
+            for t in tensors
+        ]
     g.initializers.extend(tensors)
     g.nodes.append(dq)
     return dq.output[0]
@@ -224,17 +280,22 @@ def _rope_caches(g: _Graph, name: str, rotary: torch.nn.Module, length: int, tot
     inv_freq, scale = found
     limit = g.op("Cast", [total], to=TensorProto.FLOAT)
     zero, one = (
-        g.constant(f"{name}.start", np.array(0.0, np.float32)),
-        g.constant(f"{name}.delta", np.array(1.0, np.float32)),
+        g.constant(f"{name}.start", np.array(0.0, np.float32), exact=True),
+        g.constant(f"{name}.delta", np.array(1.0, np.float32), exact=True),
     )
     positions = g.op(
         "Unsqueeze", [g.op("Range", [zero, limit, one]), g.constant(f"{name}.axis", np.array([1]))]
     )
-    freqs = g.op("Mul", [positions, g.constant(f"{name}.inv_freq", inv_freq[None, :])])  # [T, rotary_dim / 2]
+    # angles in float32 whatever the graph's type: p · inv_freq reaches 1e5 at long contexts
+    inv = g.constant(f"{name}.inv_freq", inv_freq[None, :], exact=True)
+    freqs = g.op("Mul", [positions, inv])  # [T, rotary_dim / 2]
     caches = [g.op("Cos", [freqs]), g.op("Sin", [freqs])]
     if scale != 1.0:
-        factor = g.constant(f"{name}.attention_scaling", np.array(scale, np.float32))
+        factor = g.constant(f"{name}.attention_scaling", np.array(scale, np.float32), exact=True)
         caches = [g.op("Mul", [c, factor]) for c in caches]
+    if g.float_type != np.float32:
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(g.float_type))
+        caches = [g.op("Cast", [c], to=to) for c in caches]
     return caches[0], caches[1]
 
 
@@ -274,9 +335,17 @@ def _lm_head(g: _Graph, x: str, model, adapter: Adapter, weights, embed_table: s
     (shared with the embedding when they are tied, so it is stored once)."""
     head = adapter.lm_head(model)
     qweight = weights.get(adapter.lm_head_path)
+    # logits stay float32 in a float16 graph: what every consumer (and the perplexity) reads
+    out = "logits" if g.float_type == np.float32 else "logits_native"
     if qweight is not None:
-        g.op("MatMul", [x, _dequantized(g, f"{adapter.lm_head_path}.weight", qweight)], ["logits"])
-        return
+        g.op("MatMul", [x, _dequantized(g, f"{adapter.lm_head_path}.weight", qweight)], [out])
+    else:
+        _float_lm_head(g, x, head, model, adapter, embed_table, out)
+    if out != "logits":
+        g.op("Cast", [out], ["logits"], to=TensorProto.FLOAT)
+
+
+def _float_lm_head(g: _Graph, x: str, head, model, adapter: Adapter, embed_table: str, out: str) -> None:
     tied = embed_table and head.weight.data_ptr() == adapter.embedding(model).weight.data_ptr()
     table = (
         embed_table
@@ -287,48 +356,148 @@ def _lm_head(g: _Graph, x: str, model, adapter: Adapter, weights, embed_table: s
     flat = g.op("Gemm", [rows, table], transB=1)
     vocab = g.constant("lm_head.vocab", np.array([head.out_features]))
     shape = g.op("Concat", [g.op("Shape", ["input_ids"]), vocab], axis=0)
-    g.op("Reshape", [flat, shape], ["logits"])
+    g.op("Reshape", [flat, shape], [out])
 
 
-def build_fused_decoder(
-    model, adapter: Adapter, weights: dict[str, QuantizedWeight], tables: dict[str, QuantizedWeight],
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:  # fmt: skip
-    """The fused decoder-with-past graph of ``model`` (integer weights as DequantizeLinear → MatMul).
+def _copy(message, empty):
+    empty.CopyFrom(message)
+    return empty
 
-    weights: QuantizedWeight by module name (adapter.linear_name; lm_head by its path), the
-    model's float weight for any linear not in it; tables: the int4 embedding, if any.
+
+class ExternalData:
+    """The data file beside model.onnx that initializers stream into as they are written, so the
+    graph in memory holds only references: any model over protobuf's 2 GiB needs this, and it keeps
+    the writer's memory at one block whatever the depth. Offsets are page-aligned, so ONNX Runtime
+    may memory-map them."""
+
+    ALIGN = 4096
+    MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inside model.onnx
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = path.open("wb")
+        self.offset = 0
+
+    def _reference(self, tensor: onnx.TensorProto, length: int) -> None:
+        del tensor.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", length)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        tensor.data_location = TensorProto.EXTERNAL
+        self.offset += length
+
+    def _align(self) -> None:
+        pad = -self.offset % self.ALIGN
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+
+    def write_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """Write ``array``'s bytes (little-endian, C order) straight from its buffer; the
+        initializer that refers to them."""
+        array = np.ascontiguousarray(array)
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        self._align()
+        self.file.write(memoryview(array).cast("B"))
+        self._reference(tensor, array.nbytes)
+        return tensor
+
+    def move(self, tensor: onnx.TensorProto) -> None:
+        """Write ``tensor``'s bytes to the file and leave a reference in their place."""
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        if len(tensor.raw_data) < self.MIN_BYTES:
+            return
+        self._align()
+        data = tensor.raw_data
+        self.file.write(data)
+        self._reference(tensor, len(data))
+        tensor.ClearField("raw_data")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class FusedDecoderWriter:
+    """Writes the fused decoder graph block by block into ``out_dir``: ``begin`` (the embedding),
+    ``add_block`` for each decoder block in order, ``finish`` (final norm, lm_head, model.onnx).
+
+    Each block's integer weights become MatMulNBits and its initializers go to the external data
+    file as soon as the block is added; only node descriptions stay in memory.
+
+    dtype: the graph's float type ("float32" or "float16": weights, scales, activations and the KV
+    cache; ``logits`` stay float32). RoPE angles are computed in float32 either way.
     """
-    config = model.config
-    shape = adapter.attention_shape(config)
-    hd, kv_heads = shape.head_dim, shape.num_kv_heads
-    g = _Graph()
 
-    # GroupQueryAttention's view of the mask: valid lengths minus one, and the total length
-    mask_sum = g.op("ReduceSum", ["attention_mask", g.constant("mask.axes", np.array([1]))], keepdims=0)
-    seqlens_k = g.op(
-        "Cast", [g.op("Sub", [mask_sum, g.constant("mask.one", np.array(1))])], to=TensorProto.INT32
-    )
-    total_int64 = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.constant("mask.axis1", np.array(1))])
-    total = g.op("Cast", [total_int64], to=TensorProto.INT32)
-    rope_caches: dict[str, tuple[str, str]] = {}  # by rotary module path, shared by its layers
-    activation = MLP_ACTIVATIONS[getattr(config, adapter.activation_key)]
-    attn_branch_norm, mlp_branch_norm = adapter.branch_norms or (None, None)
+    keeps_blocks = False  # a block may be freed as soon as it was added
 
-    hidden, embed_table = _embedding(g, model, adapter, tables)
-    residual, pending = hidden, None  # pending: the last branch output not yet added to residual
-    for i, block in enumerate(adapter.blocks(model)):
-        prefix = f"{adapter.blocks_path}.{i}"
+    def __init__(
+        self, model, adapter: Adapter, out_dir: Path, opset: int = DEFAULT_OPSET,
+        accuracy_level: int = DEFAULT_ACCURACY_LEVEL, dtype: str = "float32",
+    ):  # fmt: skip
+        if dtype not in GRAPH_DTYPES:
+            raise ValueError(f"graph dtype must be one of {', '.join(GRAPH_DTYPES)}, got {dtype}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model, self.adapter, self.out_dir = model, adapter, out_dir
+        self.opset, self.accuracy_level, self.dtype = opset, accuracy_level, dtype
+        self.sink = ExternalData(out_dir / EXTERNAL_DATA_FILE)
+        self.g = _Graph(GRAPH_DTYPES[dtype], self.sink)
+        self.replaced = 0
+        self._blocks_written = 0
+        g = self.g
+        # GroupQueryAttention's view of the mask: valid lengths minus one, and the total length
+        mask_sum = g.op("ReduceSum", ["attention_mask", g.constant("mask.axes", np.array([1]))], keepdims=0)
+        self.seqlens_k = g.op(
+            "Cast", [g.op("Sub", [mask_sum, g.constant("mask.one", np.array(1))])], to=TensorProto.INT32
+        )
+        self.total_int64 = g.op(
+            "Gather", [g.op("Shape", ["attention_mask"]), g.constant("mask.axis1", np.array(1))]
+        )
+        self.total = g.op("Cast", [self.total_int64], to=TensorProto.INT32)
+        self.rope_caches: dict[str, tuple[str, str]] = {}  # by rotary module path, shared by its layers
+        self.hidden = self.residual = self.pending = ""
+        self.embed_table = ""
+
+    def _flush(self) -> None:
+        """Turn the integer matmuls written since the last flush into MatMulNBits and move their
+        initializers to the external data file."""
+        segment = helper.make_model(helper.make_graph(self.g.nodes, "segment", [], [], self.g.initializers))
+        self.g.nodes, self.g.initializers = [], []
+        self.replaced += convert_to_matmulnbits(segment, self.accuracy_level, self.g.float_type)
+        for tensor in segment.graph.initializer:
+            self.sink.move(tensor)
+        # copies into messages of their own: protobuf frees a message's memory (the weights' bytes
+        # included, cleared or not) only with the whole message it was built in
+        self.g.done_nodes.extend(_copy(node, onnx.NodeProto()) for node in segment.graph.node)
+        self.g.done_initializers.extend(_copy(t, onnx.TensorProto()) for t in segment.graph.initializer)
+
+    def begin(self, tables: dict[str, QuantizedWeight]) -> None:
+        """The embedding (its table final: rotated and quantized as the model will run)."""
+        self.hidden, self.embed_table = _embedding(self.g, self.model, self.adapter, tables)
+        self.residual = self.hidden
+        self._flush()
+
+    def add_block(self, index: int, block, qweights: dict[str, QuantizedWeight]) -> None:
+        """Decoder block ``index`` (the next one), its integer weights by role (float where absent)."""
+        if index != self._blocks_written:
+            raise ValueError(f"blocks must be added in order: expected {self._blocks_written}, got {index}")
+        g, adapter, config = self.g, self.adapter, self.model.config
+        shape = adapter.attention_shape(config)
+        hd, kv_heads = shape.head_dim, shape.num_kv_heads
+        prefix = f"{adapter.blocks_path}.{index}"
         linears = adapter.linears(block)
-        qw = {role: weights.get(adapter.linear_name(i, role)) for role in linears}
+        qw = {role: qweights.get(role) for role in linears}
         norms = adapter.norms(block)
+        attn_branch_norm, mlp_branch_norm = adapter.branch_norms or (None, None)
         gamma, eps = _gamma(
             g, f"{prefix}.{adapter.attn_norm}.weight", norms[adapter.attn_norm], adapter.norm_offset
         )
-        if pending is None:
-            x = _rms_norm(g, hidden, gamma, eps)
+        if not self.pending:
+            x = _rms_norm(g, self.hidden, gamma, eps)
         else:
-            x, residual = _skip_norm(g, pending, residual, gamma, eps)
+            x, self.residual = _skip_norm(g, self.pending, self.residual, gamma, eps)
 
         qkv_roles = ("q", "k", "v")
         qkv = _linear(g, x, f"{prefix}.qkv", [linears[r] for r in qkv_roles], [qw[r] for r in qkv_roles])
@@ -345,19 +514,19 @@ def build_fused_decoder(
             q = _head_norm(g, q, *_gamma(g, f"{prefix}.{q_path}.weight", q_norm, adapter.norm_offset), hd)
             k = _head_norm(g, k, *_gamma(g, f"{prefix}.{k_path}.weight", k_norm, adapter.norm_offset), hd)
             qkv_inputs = [q, k, v]
-        rotary_path = adapter.layer_rotary_path(config, i)
-        if rotary_path not in rope_caches:
-            rotary = model.get_submodule(rotary_path)
+        rotary_path = adapter.layer_rotary_path(config, index)
+        if rotary_path not in self.rope_caches:
+            rotary = self.model.get_submodule(rotary_path)
             length = config.max_position_embeddings
-            rope_caches[rotary_path] = _rope_caches(g, rotary_path, rotary, length, total_int64)
-        window = adapter.sliding_window(config, i)
+            self.rope_caches[rotary_path] = _rope_caches(g, rotary_path, rotary, length, self.total_int64)
+        window = adapter.sliding_window(config, index)
         # ORT's local_window_size counts the query itself, as transformers' sliding_window does
         local = {"local_window_size": window} if window else {}
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
-             *rope_caches[rotary_path]],
-            [f"{prefix}/attention", f"present.{i}.key", f"present.{i}.value"],
+            [*qkv_inputs, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
+             self.total, *self.rope_caches[rotary_path]],
+            [f"{prefix}/attention", f"present.{index}.key", f"present.{index}.value"],
             domain=MS_DOMAIN,
             num_heads=shape.num_heads, kv_num_heads=kv_heads, scale=float(attention.scaling),
             do_rotary=1, rotary_interleaved=0, **local,
@@ -372,50 +541,75 @@ def build_fused_decoder(
         gamma, eps = _gamma(
             g, f"{prefix}.{adapter.mlp_norm}.weight", norms[adapter.mlp_norm], adapter.norm_offset
         )
-        x, residual = _skip_norm(g, attn_out, residual, gamma, eps)
+        x, self.residual = _skip_norm(g, attn_out, self.residual, gamma, eps)
         gate = _linear(g, x, f"{prefix}.gate", [linears["gate"]], [qw["gate"]])
         up = _linear(g, x, f"{prefix}.up", [linears["up"]], [qw["up"]])
+        activation = MLP_ACTIVATIONS[getattr(config, adapter.activation_key)]
         act = g.op("Mul", [activation(g, gate), up])
-        pending = _linear(g, act, f"{prefix}.down", [linears["down"]], [qw["down"]])
+        self.pending = _linear(g, act, f"{prefix}.down", [linears["down"]], [qw["down"]])
         if mlp_branch_norm:
             gamma, eps = _gamma(
                 g, f"{prefix}.{mlp_branch_norm}.weight", norms[mlp_branch_norm], adapter.norm_offset
             )
-            pending = _rms_norm(g, pending, gamma, eps)
+            self.pending = _rms_norm(g, self.pending, gamma, eps)
+        self._blocks_written += 1
+        self._flush()
 
-    final = adapter.final_norm(model)
-    gamma, eps = _gamma(g, f"{adapter.final_norm_path}.weight", final, adapter.norm_offset)
-    x, _ = _skip_norm(g, pending, residual, gamma, eps)
-    _lm_head(g, x, model, adapter, weights, embed_table)
+    def finish(self, weights: dict[str, QuantizedWeight]) -> OnnxExportInfo:
+        """The final norm and lm_head (``weights`` holds its integer weight by path, if quantized),
+        the graph's inputs and outputs, and model.onnx; checked with ``onnx.checker``."""
+        g, adapter, config = self.g, self.adapter, self.model.config
+        count = len(adapter.blocks(self.model))
+        if self._blocks_written != count:
+            raise ValueError(f"{self._blocks_written} of {count} blocks were written")
+        final = adapter.final_norm(self.model)
+        gamma, eps = _gamma(g, f"{adapter.final_norm_path}.weight", final, adapter.norm_offset)
+        x, _ = _skip_norm(g, self.pending, self.residual, gamma, eps)
+        _lm_head(g, x, self.model, adapter, weights, self.embed_table)
+        self._flush()
+        self.sink.close()
 
-    batch, past, total_len = "batch_size", "past_sequence_length", "total_sequence_length"
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, "sequence_length", "vocab"])
-    ]
-    for i in range(len(adapter.blocks(model))):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kv}", TensorProto.FLOAT, [batch, kv_heads, past, hd]))  # fmt: skip
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kv}", TensorProto.FLOAT, [batch, kv_heads, total_len, hd]))  # fmt: skip
-    graph = helper.make_graph(g.nodes, "edgeq_fused_decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets, producer_name="edgeq")
+        shape = adapter.attention_shape(config)
+        hd, kv_heads = shape.head_dim, shape.num_kv_heads
+        batch, past, total_len = "batch_size", "past_sequence_length", "total_sequence_length"
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
+        ]
+        outputs = [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, "sequence_length", "vocab"])
+        ]
+        kv_type = helper.np_dtype_to_tensor_dtype(np.dtype(g.float_type))
+        for i in range(count):
+            for kv in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kv}", kv_type, [batch, kv_heads, past, hd]))  # fmt: skip
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kv}", kv_type, [batch, kv_heads, total_len, hd]))  # fmt: skip
+        graph = helper.make_graph(g.done_nodes, "edgeq_fused_decoder", inputs, outputs, g.done_initializers)
+        opsets = [helper.make_opsetid("", self.opset), helper.make_opsetid(MS_DOMAIN, 1)]
+        graph_model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeq")
+        path = self.out_dir / MODEL_FILE
+        onnx.save_model(graph_model, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        config.save_pretrained(self.out_dir)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(self.out_dir)
+        return OnnxExportInfo(path, self.replaced, onnx_bytes(self.out_dir), True,
+                              component_bytes(graph_model), graph="fused")  # fmt: skip
 
 
 def export_fused(
     model, adapter: Adapter, weights: dict[str, QuantizedWeight], tables: dict[str, QuantizedWeight],
-    out_dir, opset: int = DEFAULT_OPSET, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    out_dir, opset: int = DEFAULT_OPSET, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, dtype: str = "float32",
 ) -> OnnxExportInfo:  # fmt: skip
-    """Write the fused graph, with MatMulNBits weights, and the model's config files to ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graph_model = build_fused_decoder(model, adapter, weights, tables, opset)
-    replaced = convert_to_matmulnbits(graph_model, accuracy_level)
-    model.config.save_pretrained(out_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-    return write_model(graph_model, out_dir, replaced)
+    """Write the fused graph of a model held in memory (``weights``: QuantizedWeight by module
+    name, adapter.linear_name and lm_head's path; the model's float weight for any linear not in it;
+    ``tables``: the int4 embedding, if any), with MatMulNBits weights and the model's config files."""
+    writer = FusedDecoderWriter(model, adapter, Path(out_dir), opset, accuracy_level, dtype)
+    writer.begin(tables)
+    for i, block in enumerate(adapter.blocks(model)):
+        roles = adapter.linears(block)
+        writer.add_block(i, block, {r: weights[adapter.linear_name(i, r)] for r in roles
+                                    if adapter.linear_name(i, r) in weights})  # fmt: skip
+    return writer.finish(weights)

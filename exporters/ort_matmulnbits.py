@@ -123,7 +123,7 @@ def _table(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]):
 
 
 def _gather_block_quantized(
-    dq: onnx.NodeProto, gather: onnx.NodeProto, table
+    dq: onnx.NodeProto, gather: onnx.NodeProto, table, scale_dtype=np.float32
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     values, scale, zero, block = table
     base = dq.output[0]
@@ -131,8 +131,8 @@ def _gather_block_quantized(
     def uint4(name: str, array: np.ndarray) -> onnx.TensorProto:
         return helper.make_tensor(name, TensorProto.UINT4, list(array.shape), pack_int4(array), raw=True)
 
-    tensors = [uint4(f"{base}_uint4", values), numpy_helper.from_array(scale, f"{base}_scales"),
-               uint4(f"{base}_zero_points", zero)]  # fmt: skip
+    scales = numpy_helper.from_array(scale.astype(scale_dtype), f"{base}_scales")
+    tensors = [uint4(f"{base}_uint4", values), scales, uint4(f"{base}_zero_points", zero)]
     node = helper.make_node(
         "GatherBlockQuantized",
         [tensors[0].name, gather.input[1], tensors[1].name, tensors[2].name],
@@ -185,7 +185,7 @@ def convert_to_matmulnbits(
         if user is not None and user.op_type == "Gather" and user.input[0] == dq.output[0]:
             table = _table(dq, inits)
             if table is not None:
-                replacements.append((dq, user, *_gather_block_quantized(dq, user, table)))
+                replacements.append((dq, user, *_gather_block_quantized(dq, user, table, scale_dtype)))
         elif user is not None and user.op_type == "MatMul" and user.input[1] == dq.output[0]:
             weight = _blocked(dq, inits)
             if weight is not None:

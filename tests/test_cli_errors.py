@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import edgeq.export  # noqa: F401  (imported up front so the timing checks below exclude import time)
 from edgeq.cli import main
@@ -153,6 +154,7 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--format", "tflite"], "unknown format 'tflite'"),
         (["--kv-bits", "2"], "KV cache bits must be"),
         (["--latency-runs", "0"], "--latency-runs and --decode-tokens must be at least 1"),
+        (["--dtype", "float16", "--format", "qdq"], "--dtype float16 is written for --format ort"),
     ],
     ids=[
         "scheme",
@@ -165,11 +167,18 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         "format",
         "kv-bits",
         "latency-runs",
+        "float16-qdq",
     ],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):
     msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), *args], out)
     assert expected in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_device_without_a_gpu(capsys, out, text_data_dir, tiny_model_dir):
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--device", "cuda"], out)
+    assert "--device cuda" in msg and "no CUDA GPU" in msg
 
 
 def test_argparse_error_in_subcommand(capsys, out, text_data_dir, tiny_model_dir):

@@ -18,21 +18,29 @@ from edgeq.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
+# the qdq W4A4 graph (optimum's trace, one file) and the fused ort graph (weights in model.onnx_data)
+ARTIFACTS = {
+    "qdq-w4a4": ["--scheme", "w4a4", "--method", "gptq", "--kv-bits", "4"],
+    "ort-w4a16-external-data": ["--scheme", "w4a16", "--method", "gptq", "--format", "ort"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARTIFACTS))
+def artifact(request, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("handoff")
     model_dir = base / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(model_dir)
+    tiny_model("qwen2", head_dim=16).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     out = base / "art"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEQ_DATA_DIR", str(write_text_data(base / "data")))
         status = main([
-            "--no-progress", "export", "--model", str(model_dir), "--scheme", "w4a4", "--method", "gptq",
-            "--kv-bits", "4", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-seq-len", "32",
+            "--no-progress", "export", "--model", str(model_dir), *ARTIFACTS[request.param],
+            "--calib-samples", "4", "--calib-seq-len", "32", "--eval-seq-len", "32",
             "--eval-windows", "3", "--max-size-ratio", "1.0", "--out", str(out),
         ])  # fmt: skip
     assert status == 0
+    assert (out / "model.onnx_data").exists() == ("ort" in request.param)
     return out
 
 
@@ -58,11 +66,12 @@ def test_verify_passes_then_fails_on_a_tampered_file(artifact, tmp_path, capsys)
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
     assert main(["verify", str(copy)]) == 0
-    data = bytearray((copy / "model.onnx").read_bytes())
+    name = "model.onnx_data" if (copy / "model.onnx_data").exists() else "model.onnx"
+    data = bytearray((copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(data))
+    (copy / name).write_bytes(bytes(data))
     assert main(["verify", str(copy)]) == 1
-    assert "changed: model.onnx" in capsys.readouterr().err
+    assert f"changed: {name}" in capsys.readouterr().err
 
 
 def test_validate_exits_non_zero_and_junit_names_the_failed_gate(artifact, tmp_path, capsys):

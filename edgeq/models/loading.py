@@ -7,10 +7,9 @@ hub is reachable) and the built-in default ``smollm2-135m`` (the GGUF shipped by
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from edgeq.artifact import atomic_folder
 from edgeq.errors import EdgeqError
 from edgeq.models.adapters import adapter_for_config
 
@@ -96,21 +96,42 @@ def load_gguf_tokenizer(gguf: Path):
 
 def convert_gguf_to_folder(gguf: Path, dest: Path) -> Path:
     """Dequantize a GGUF checkpoint to a float32 safetensors folder (written atomically)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_folder(dest, overwrite=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         model.save_pretrained(tmp)
         load_gguf_tokenizer(gguf).save_pretrained(tmp)
         (tmp / CONVERSION_MARKER).write_text(CONVERSION_VERSION + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where a user's GGUF file is converted to safetensors (keyed by its path, size and mtime)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def weights_folder(source: ModelSource) -> Path:
+    """A local folder of the model's weights that ``edgeq.models.lazy`` reads tensor by tensor: the
+    folder itself; for a GGUF file, its safetensors conversion in the cache (made once, holding the
+    float32 model in memory that one time); for a hub id, its download (weights and config only)."""
+    if source.gguf_file:
+        gguf = Path(source.path) / source.gguf_file
+        dest = gguf_cache_folder(gguf)
+        marker = dest / CONVERSION_MARKER
+        if not marker.exists() or marker.read_text().strip() != CONVERSION_VERSION:
+            convert_gguf_to_folder(gguf, dest)
+        return dest
+    if source.is_hub_id:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as err:  # noqa: BLE001 - any hub failure is the same for the user
+            raise EdgeqError(f"could not download '{source.spec}': {_first_line(err)}") from None
+    return Path(source.path)
 
 
 def resolve_model(spec: str) -> ModelSource:

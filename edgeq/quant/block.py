@@ -13,6 +13,19 @@ from edgeq.models.adapters import Adapter
 from edgeq.quant.boa import apply_rope
 
 
+def to_device(value, device: torch.device | str, dtype: torch.dtype | None = None):
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``; floating tensors cast
+    to ``dtype`` when given. A no-op for tensors already there."""
+    if isinstance(value, torch.Tensor):
+        cast = dtype if dtype is not None and value.is_floating_point() else None
+        return value.to(device=device, dtype=cast)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    return value
+
+
 def block_forward(adapter: Adapter, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder block on hidden [b, L, d] → [b, L, d] (what the block returns is an adapter fact)."""
     return adapter.block_hidden(block(hidden, **kwargs))
@@ -27,7 +40,12 @@ class BlockContext:
     fp_hidden: the same batches' hidden states in the unquantized model (the "FP stream": float
     weights and float activations), kept only
     for methods that correct for the error of the blocks quantized before; ``run_fp`` records the
-    block's FP-stream outputs, the next block's fp_hidden."""
+    block's FP-stream outputs, the next block's fp_hidden.
+
+    device: where the block is and runs; the stored batches (hidden, fp_hidden and the recorded
+    outputs) stay on the CPU in ``storage_dtype`` and move to the device one batch at a time, in
+    float32.
+    """
 
     index: int
     block: nn.Module
@@ -38,25 +56,39 @@ class BlockContext:
     outputs: list[torch.Tensor] = field(default_factory=list)
     fp_hidden: list[torch.Tensor] | None = None
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
+    device: torch.device | str = "cpu"
+    storage_dtype: torch.dtype = torch.float32
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
         return self.adapter.linears(self.block)
 
+    def batch_kwargs(self, batch: int) -> dict:
+        """The block's keyword arguments for ``batch``, on the device."""
+        return to_device(self.kwargs[batch], self.device)
+
+    def _forward(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        x = to_device(hidden, self.device, torch.float32)
+        return block_forward(self.adapter, self.block, x, self.batch_kwargs(batch))
+
+    def _stored(self, out: torch.Tensor) -> torch.Tensor:
+        return out.to(device="cpu", dtype=self.storage_dtype)
+
     def run(self, batch: int) -> torch.Tensor:
-        out = block_forward(self.adapter, self.block, self.hidden[batch], self.kwargs[batch])
+        out = self._forward(self.hidden[batch], batch)
         if len(self.outputs) == batch:
-            self.outputs.append(out)
+            self.outputs.append(self._stored(out))
         return out
 
     def run_fp(self, batch: int) -> torch.Tensor:
         with float_activations(self.block):
-            out = block_forward(self.adapter, self.block, self.fp_hidden[batch], self.kwargs[batch])
-        self.fp_outputs.append(out)
+            out = self._forward(self.fp_hidden[batch], batch)
+        self.fp_outputs.append(self._stored(out))
         return out
 
     def run_all(self) -> list[torch.Tensor]:
-        return [self.run(b) for b in range(len(self.hidden))]
+        """Every batch through the block as it is now; the outputs as stored."""
+        return [self._stored(self._forward(h, b)) for b, h in enumerate(self.hidden)]
 
 
 def _heads(t: torch.Tensor, heads: int, head_dim: int, norm: nn.Module | None) -> torch.Tensor:
@@ -92,7 +124,7 @@ def attention_inputs(
         mask = kwargs.get("attention_mask")
         length = x.shape[1]
         if mask is None:
-            mask = torch.ones(length, length, dtype=torch.bool).tril()
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask[..., -length:, -length:], float("-inf"))
         else:

@@ -115,7 +115,7 @@ def group_grid_params(
     """Per-(row, group) grid. w [out, in] -> (scale [out, n_groups], zero [out, n_groups])."""
     out_features, in_features = w.shape
     groups = num_groups(in_features, group_size)
-    padded = torch.zeros(out_features, groups * group_size, dtype=torch.float32)
+    padded = torch.zeros(out_features, groups * group_size, dtype=torch.float32, device=w.device)
     padded[:, :in_features] = w
     return grid_params(padded.view(out_features, groups, group_size), bits, symmetric)
 
@@ -132,3 +132,17 @@ def rtn_quantize(w: torch.Tensor, config: WeightQuantConfig) -> QuantizedWeight:
         config.bits,
     )
     return QuantizedWeight(codes, scale, zero, config.bits, group_size, config.symmetric)
+
+
+@torch.no_grad()
+def rtn_quantize_in_place(w: torch.Tensor, config: WeightQuantConfig, rows: int = 8192) -> QuantizedWeight:
+    """Round-to-nearest of a large table w [out, in] (lm_head, the embedding), ``rows`` rows at a
+    time, replacing w by its dequantized values. Rows are independent on these grids, so the result
+    is ``rtn_quantize``'s; the temporaries are one slice's, not several copies of the table (a
+    Llama-3.2 lm_head is 1.6 GB in float32)."""
+    parts = []
+    for start in range(0, w.shape[0], rows):
+        part = rtn_quantize(w[start : start + rows], config)
+        w[start : start + rows] = part.dequantize().to(w.dtype)
+        parts.append(part)
+    return concat_rows(parts)

@@ -11,15 +11,17 @@ class HessianAccumulator:
     add(x, x_fp): x [..., n] — every leading index is one token — the layer input on the quantized
     stream; x_fp, when given, the same tokens' input in the unquantized model, for the correction
     term D = 2 E[(x_fp − x) xᵀ] (TurboBoA: target W X_fp instead of W X).
-    dtype: accumulate in float64 to check float32 (the default) for drift.
+    dtype: accumulate in float64 to check float32 (the default) for drift; device: where the
+    inputs arrive (the block's device).
     """
 
-    def __init__(self, n: int, dtype: torch.dtype = torch.float32):
-        self.sum = torch.zeros(n, n, dtype=dtype)
+    def __init__(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(n, n, dtype=dtype, device=device)
         self.cross: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        # float32 accumulation whatever the activations' dtype
         x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
         self.sum.addmm_(x.T, x)
         if x_fp is not None:

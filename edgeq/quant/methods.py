@@ -47,7 +47,10 @@ class LinearInputs:
     def __init__(self, ctx: BlockContext, roles: tuple[str, ...]):
         self.ctx = ctx
         linears = ctx.linears
-        self.acc = {role: HessianAccumulator(linears[role].in_features) for role in roles}
+        self.acc = {
+            role: HessianAccumulator(linears[role].in_features, device=linears[role].weight.device)
+            for role in roles
+        }
         self.last: dict[str, torch.Tensor] = {}
         self._fp: dict[str, torch.Tensor] = {}
         self._fp_pass = False
@@ -128,9 +131,9 @@ def collect_attention_statistics(
     stats = AttentionStatistics(d_in, shape.num_heads, shape.num_kv_heads, shape.head_dim, relaxed_v)
     inputs = LinearInputs(ctx, ("q", *OTHER_ROLES))
     try:
-        for batch, kwargs in enumerate(ctx.kwargs):
+        for batch in range(len(ctx.kwargs)):
             inputs.run(batch)
-            x = inputs.last["q"]
+            x, kwargs = inputs.last["q"], ctx.batch_kwargs(batch)
             q, k, probs, cos, sin = attention_inputs(ctx, x, kwargs, with_probs=not relaxed_v)
             stats.add(x, q, k, probs, cos, sin)
     finally:

@@ -116,7 +116,7 @@ def kronecker_apply(x: torch.Tensor, factors: list[torch.Tensor], scale: float) 
     last = y.dim() - 1  # positive axes only: a traced -1 becomes an invalid ONNX Transpose perm
     for i, f in enumerate(factors):
         axis = len(lead) + i
-        y = torch.movedim(torch.movedim(y, axis, last) @ f.to(y.dtype).T, last, axis)
+        y = torch.movedim(torch.movedim(y, axis, last) @ f.to(y.device, y.dtype).T, last, axis)
     return y.reshape(x.shape) * scale
 
 

@@ -24,8 +24,14 @@ from edgeq.models.adapters import (
     MLP_INPUT_ROLES,
     RESIDUAL_OUTPUT_ROLES,
     Adapter,
+    AttentionShape,
 )
-from edgeq.rotation.hadamard import OnlineRotation, hadamard_transform, random_hadamard_matrix
+from edgeq.rotation.hadamard import (
+    OnlineRotation,
+    OrthogonalTransform,
+    hadamard_transform,
+    random_hadamard_matrix,
+)
 
 
 @dataclass
@@ -58,83 +64,95 @@ def _fold_norm(norm: nn.Module, consumers: list[nn.Linear], offset: float) -> No
     norm.weight.data.fill_(1.0 - offset)
 
 
+def fold_block_norms(block: nn.Module, adapter: Adapter) -> None:
+    """Fold a block's attention norm into q/k/v and its MLP norm into gate/up."""
+    linears = adapter.linears(block)
+    norms = adapter.norms(block)
+    _fold_norm(norms[adapter.attn_norm], [linears[r] for r in ATTN_INPUT_ROLES], adapter.norm_offset)
+    _fold_norm(norms[adapter.mlp_norm], [linears[r] for r in MLP_INPUT_ROLES], adapter.norm_offset)
+
+
 def fuse_norms(model: nn.Module, adapter: Adapter) -> None:
     """Fold every RMSNorm that feeds a linear into it: attention norm → q/k/v, MLP norm → gate/up,
     final norm → lm_head (untied first)."""
     untie_lm_head(model, adapter)
     for block in adapter.blocks(model):
-        linears = adapter.linears(block)
-        norms = adapter.norms(block)
-        _fold_norm(norms[adapter.attn_norm], [linears[r] for r in ATTN_INPUT_ROLES], adapter.norm_offset)
-        _fold_norm(norms[adapter.mlp_norm], [linears[r] for r in MLP_INPUT_ROLES], adapter.norm_offset)
+        fold_block_norms(block, adapter)
     _fold_norm(adapter.final_norm(model), [adapter.lm_head(model)], adapter.norm_offset)
 
 
-def rotate_residual(model: nn.Module, adapter: Adapter, q: torch.Tensor) -> None:
-    """R1: the residual stream becomes x·Q (q [d, d] orthogonal, float64). Norms must be fused."""
-    embed = adapter.embedding(model)
-    _set(embed.weight, embed.weight.double() @ q)
-    for block in adapter.blocks(model):
-        linears = adapter.linears(block)
-        for role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES):
-            _set(linears[role].weight, linears[role].weight.double() @ q)
-        for role in RESIDUAL_OUTPUT_ROLES:
-            linear = linears[role]
-            _set(linear.weight, q.T @ linear.weight.double())
-            if linear.bias is not None:
-                _set(linear.bias, linear.bias.double() @ q)
-    head = adapter.lm_head(model)
-    _set(head.weight, head.weight.double() @ q)
+def rotate_block_residual(block: nn.Module, adapter: Adapter, q: torch.Tensor) -> None:
+    """R1 inside one block: the linears reading the stream take W·Q, those writing it Qᵀ·W (with
+    their bias b·Q); q [d, d] orthogonal, float64. The block's norms must be folded."""
+    linears = adapter.linears(block)
+    for role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES):
+        _set(linears[role].weight, linears[role].weight.double() @ q)
+    for role in RESIDUAL_OUTPUT_ROLES:
+        linear = linears[role]
+        _set(linear.weight, q.T @ linear.weight.double())
+        if linear.bias is not None:
+            _set(linear.bias, linear.bias.double() @ q)
 
 
-def rotate_value_heads(model: nn.Module, adapter: Adapter, r: torch.Tensor) -> None:
-    """R2: every value head becomes v_h·R and o_proj's columns of every query head W_o,h·R
-    (r [head_dim, head_dim] orthogonal, float64; one R for all heads, so grouped-query attention
-    stays exact)."""
-    shape = adapter.attention_shape(model.config)
+def rotate_block_value_heads(
+    block: nn.Module, adapter: Adapter, shape: AttentionShape, r: torch.Tensor
+) -> None:
+    """R2 in one block: every value head becomes v_h·R and o_proj's columns of every query head
+    W_o,h·R (r [head_dim, head_dim] orthogonal, float64; one R for all heads, so grouped-query
+    attention stays exact)."""
     hd = shape.head_dim
-    for block in adapter.blocks(model):
-        linears = adapter.linears(block)
-        v, o = linears["v"], linears["o"]
-        wv = v.weight.double().view(shape.num_kv_heads, hd, -1)
-        _set(v.weight, (r.T @ wv).reshape(v.weight.shape))
-        if v.bias is not None:
-            _set(v.bias, (v.bias.double().view(shape.num_kv_heads, hd) @ r).reshape(-1))
-        wo = o.weight.double().view(o.out_features, shape.num_heads, hd)
-        _set(o.weight, (wo @ r).reshape(o.weight.shape))
+    linears = adapter.linears(block)
+    v, o = linears["v"], linears["o"]
+    wv = v.weight.double().view(shape.num_kv_heads, hd, -1)
+    _set(v.weight, (r.T @ wv.to(r.device)).reshape(v.weight.shape))
+    if v.bias is not None:
+        _set(v.bias, (v.bias.double().view(shape.num_kv_heads, hd) @ r).reshape(-1))
+    wo = o.weight.double().view(o.out_features, shape.num_heads, hd)
+    _set(o.weight, (wo @ r).reshape(o.weight.shape))
 
 
-def add_down_proj_rotation(model: nn.Module, adapter: Adapter) -> str:
-    """R4: down_proj's input becomes x·Mᵀ online (M the factored Hadamard of the MLP width) and its
-    weight W·Mᵀ; returns how M was built."""
-    kind = ""
-    for block in adapter.blocks(model):
-        down = adapter.linears(block)["down"]
-        transform = hadamard_transform(down.in_features)
-        _set(down.weight, down.weight.double() @ transform.matrix().T)
-        adapter.input_quantizer(block, "down").rotation = OnlineRotation(transform)
-        kind = transform.kind
-    return kind
+def add_block_down_proj_rotation(block: nn.Module, adapter: Adapter, transform: OrthogonalTransform) -> None:
+    """R4 in one block: down_proj's input becomes x·Mᵀ online and its weight W·Mᵀ (M the factored
+    Hadamard of the MLP width)."""
+    down = adapter.linears(block)["down"]
+    _set(down.weight, down.weight.double() @ transform.matrix().to(down.weight.device).T)
+    adapter.input_quantizer(block, "down").rotation = OnlineRotation(transform)
 
 
-def add_query_key_rotation(model: nn.Module, adapter: Adapter) -> str:
-    """R3: queries and keys after RoPE rotated online by a Hadamard of the head width (qkᵀ is
-    unchanged), so that the quantized keys see no outlier channel; returns how it was built."""
-    head_dim = adapter.attention_shape(model.config).head_dim
-    transform = hadamard_transform(head_dim)
-    for block in adapter.blocks(model):
-        kv_spec(model, adapter.attention(block), head_dim).rotation = OnlineRotation(transform)
-    return transform.kind
+def add_block_query_key_rotation(
+    model: nn.Module, block: nn.Module, adapter: Adapter, transform: OrthogonalTransform
+) -> None:
+    """R3 in one block: queries and keys after RoPE rotated online by a Hadamard of the head width
+    (qkᵀ is unchanged), so that the quantized keys see no outlier channel."""
+    kv_spec(model, adapter.attention(block), transform.size).rotation = OnlineRotation(transform)
 
 
-def rotate_model(
-    model: nn.Module, adapter: Adapter, config: RotationConfig, kv_quantized: bool = False
-) -> RotationReport:
-    """Apply the enabled rotations that are exact for this architecture, in place (R3 only when the
-    KV cache will be quantized)."""
-    report = RotationReport()
+@dataclass
+class RotationPlan:
+    """The rotations one model gets, built once and applied block by block (``rotate_block``) and
+    to the embedding and lm_head (``rotate_outer``). r1 [d, d] and r2 [head_dim, head_dim] are
+    float64 orthogonal matrices; r4 and r3 the online transforms; None where not applied."""
+
+    report: RotationReport
+    r1: torch.Tensor | None = None
+    r2: torch.Tensor | None = None
+    r4: OrthogonalTransform | None = None
+    r3: OrthogonalTransform | None = None
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.report.applied)
+
+
+def plan_rotations(
+    adapter: Adapter, model_config, config: RotationConfig, kv_quantized: bool = False
+) -> RotationPlan:
+    """Which rotations are exact for this architecture and enabled (R3 only when the KV cache will
+    be quantized), with their matrices."""
+    plan = RotationPlan(RotationReport())
+    report = plan.report
     if not config.enabled:
-        return report
+        return plan
     wanted = {"r1": config.r1, "r2": config.r2, "r4": config.r4, "r3": config.r3}
     for name, on in wanted.items():
         if not on:
@@ -144,18 +162,67 @@ def rotate_model(
         elif name in adapter.inexact_rotations:
             report.skipped[name] = f"not exact for {adapter.name}: {adapter.inexact_rotations[name]}"
     todo = {name for name, on in wanted.items() if on and name not in report.skipped}
+    head_dim = adapter.attention_shape(model_config).head_dim
     if "r1" in todo:
-        fuse_norms(model, adapter)
-        q, kind = random_hadamard_matrix(model.config.hidden_size, config.seed)
-        rotate_residual(model, adapter, q)
-        report.applied["r1"] = kind
+        plan.r1, report.applied["r1"] = random_hadamard_matrix(model_config.hidden_size, config.seed)
     if "r2" in todo:
-        head_dim = adapter.attention_shape(model.config).head_dim
-        r, kind = random_hadamard_matrix(head_dim, config.seed + 1)
-        rotate_value_heads(model, adapter, r)
-        report.applied["r2"] = kind
+        plan.r2, report.applied["r2"] = random_hadamard_matrix(head_dim, config.seed + 1)
     if "r4" in todo:
-        report.applied["r4"] = "online " + add_down_proj_rotation(model, adapter)
+        plan.r4 = hadamard_transform(model_config.intermediate_size)
+        report.applied["r4"] = "online " + plan.r4.kind
     if "r3" in todo:
-        report.applied["r3"] = "online " + add_query_key_rotation(model, adapter)
-    return report
+        plan.r3 = hadamard_transform(head_dim)
+        report.applied["r3"] = "online " + plan.r3.kind
+    return plan
+
+
+def rotate_embedding(model: nn.Module, adapter: Adapter, plan: RotationPlan) -> None:
+    """R1 on the embedding: E·Q (lm_head untied first, so it keeps the unrotated table)."""
+    if plan.r1 is None:
+        return
+    untie_lm_head(model, adapter)
+    embed = adapter.embedding(model)
+    _set(embed.weight, embed.weight.double() @ plan.r1)
+
+
+def rotate_head(model: nn.Module, adapter: Adapter, plan: RotationPlan) -> None:
+    """R1 on the output: the final norm folded into lm_head (untied first), then W·Q."""
+    if plan.r1 is None:
+        return
+    untie_lm_head(model, adapter)
+    _fold_norm(adapter.final_norm(model), [adapter.lm_head(model)], adapter.norm_offset)
+    head = adapter.lm_head(model)
+    _set(head.weight, head.weight.double() @ plan.r1)
+
+
+def rotate_outer(model: nn.Module, adapter: Adapter, plan: RotationPlan) -> None:
+    """R1 outside the blocks: the embedding and lm_head."""
+    rotate_embedding(model, adapter, plan)
+    rotate_head(model, adapter, plan)
+
+
+def rotate_block(model: nn.Module, adapter: Adapter, block: nn.Module, plan: RotationPlan) -> None:
+    """Every planned rotation of one decoder block, in place (on the block's device)."""
+    device = next(block.parameters()).device
+    if plan.r1 is not None:
+        fold_block_norms(block, adapter)
+        rotate_block_residual(block, adapter, plan.r1.to(device))
+    if plan.r2 is not None:
+        shape = adapter.attention_shape(model.config)
+        rotate_block_value_heads(block, adapter, shape, plan.r2.to(device))
+    if plan.r4 is not None:
+        add_block_down_proj_rotation(block, adapter, plan.r4)
+    if plan.r3 is not None:
+        add_block_query_key_rotation(model, block, adapter, plan.r3)
+
+
+def rotate_model(
+    model: nn.Module, adapter: Adapter, config: RotationConfig, kv_quantized: bool = False
+) -> RotationReport:
+    """Apply the enabled rotations that are exact for this architecture to a whole model in memory,
+    in place (the streamed pipeline applies the same plan block by block)."""
+    plan = plan_rotations(adapter, model.config, config, kv_quantized)
+    rotate_outer(model, adapter, plan)
+    for block in adapter.blocks(model):
+        rotate_block(model, adapter, block, plan)
+    return plan.report
