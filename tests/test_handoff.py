@@ -29,7 +29,9 @@ ARTIFACTS = {
 def artifact(request, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("handoff")
     model_dir = base / "tiny-qwen2"
-    tiny_model("qwen2", head_dim=16).save_pretrained(model_dir)
+    # head_dim = hidden / heads, as optimum's ORTModelForCausalLM assumes, and a multiple of 8 for the
+    # fused graph's GroupQueryAttention
+    tiny_model("qwen2", hidden_size=64, head_dim=16).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     out = base / "art"
     with pytest.MonkeyPatch.context() as mp:
@@ -53,7 +55,9 @@ def test_bundle_holds_report_card_manifest_and_reference(artifact):
         assert (artifact / link).read_bytes().startswith(b"\x89PNG")
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert "model.onnx" in manifest["files"] and "MODEL_CARD.md" in manifest["files"]
-    assert manifest["config"]["quant"]["scheme"] == "w4a4"
+    exported = json.loads((artifact / "edgeq_config.json").read_text())
+    assert manifest["config"]["quant"]["scheme"] == exported["quant"]["scheme"] in ("w4a4", "w4a16")
+    assert ("model.onnx_data" in manifest["files"]) == (artifact / "model.onnx_data").exists()
     assert [i["name"] for i in manifest["onnx"]["io"]["inputs"]][0] == "input_ids"
     report = json.loads((artifact / "report.json").read_text())
     assert report["validation"]["passed"] is True
