@@ -23,12 +23,13 @@ from pathlib import Path
 from common import add_data_arguments, load_data, publish, save_results
 
 from edgeq.config import scheme_preset
-from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement, perplexity, torch_logits_fn
+from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
 from edgeq.latency import measure_decode
 from edgeq.models.adapters import adapter_for
 from edgeq.models.loading import load_model
 from edgeq.pipeline import quantize_model
 from edgeq.rotation.rotate import rotate_model
+from edgeq.scoring import perplexities_and_agreement
 from exporters.onnx_qdq import export_qdq
 from exporters.ort_matmulnbits import to_matmulnbits
 

@@ -6,7 +6,6 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -33,34 +32,6 @@ def perplexity(
     for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
         nlls.append(window_nll(logits_fn(ids[None])[0], ids))
     return math.exp(sum(nlls) / len(nlls))
-
-
-def perplexities_and_agreement(
-    reference: LogitsFn,
-    candidates: dict[str, LogitsFn],
-    windows: torch.Tensor,
-    desc: str = "compare",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """One pass over windows [n, L]: the reference's perplexity and, per candidate, its perplexity and
-    greedy top-1 agreement with the reference (the share of positions whose argmax token matches)."""
-    nll: dict[str, list[float]] = {name: [] for name in ("reference", *candidates)}
-    agree = {name: 0 for name in candidates}
-    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
-        ref = reference(ids[None])[0]
-        nll["reference"].append(window_nll(ref, ids))
-        for name, fn in candidates.items():
-            logits = fn(ids[None])[0]
-            nll[name].append(window_nll(logits, ids))
-            agree[name] += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-    positions = windows.numel()
-    out: dict[str, Any] = {"reference": math.exp(sum(nll["reference"]) / len(windows))}
-    for name in candidates:
-        out[name] = {
-            "perplexity": math.exp(sum(nll[name]) / len(windows)),
-            "top1_agreement": agree[name] / positions,
-        }
-    return out
 
 
 def torch_logits_fn(model) -> LogitsFn:

@@ -93,6 +93,32 @@ def score_stream(
     )
 
 
+@torch.no_grad()
+def score_logits(
+    logits_fn: LogitsFn, windows: torch.Tensor, desc: str = "score", progress: bool = True
+) -> WindowScores:
+    """Score windows [n, L] with a model's logits function, one window at a time."""
+    nll, argmax = [], []
+    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        logprobs = torch.log_softmax(logits_fn(ids[None])[0].float(), dim=-1)
+        nll.append(_window_nll(logprobs, ids))
+        argmax.append(logprobs.argmax(-1).to(torch.int32).numpy())
+    return WindowScores(nll=nll, argmax=np.stack(argmax))
+
+
+def perplexities_and_agreement(
+    reference: LogitsFn,
+    candidates: dict[str, LogitsFn],
+    windows: torch.Tensor,
+    desc: str = "compare",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The reference's perplexity on windows [n, L] and, per candidate, its perplexity and greedy
+    top-1 agreement with the reference (for two models held in memory, e.g. PyTorch and ORT)."""
+    scores = score_logits(reference, windows, f"{desc}: reference", progress)
+    return {"reference": scores.perplexity, **agreement_with(scores, candidates, windows, desc, progress)}
+
+
 def agreement_with(
     reference: WindowScores,
     candidates: dict[str, LogitsFn],

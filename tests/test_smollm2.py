@@ -244,7 +244,8 @@ def test_fused_ort_graph_on_smollm2_matches_pytorch(tmp_path):
 
     import onnx
 
-    from edgeq.evaluation import OrtCausalLM, perplexities_and_agreement
+    from edgeq.evaluation import OrtCausalLM
+    from edgeq.scoring import perplexities_and_agreement
     from exporters import export_onnx
 
     source = resolve_model("smollm2-135m")
