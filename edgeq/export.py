@@ -297,7 +297,6 @@ def run_export(
             result.layers, result.block_seconds = streamed.layers, streamed.block_seconds
             result.block_output_rel_error = streamed.block_output_rel_error
         timings["blocks_s"] = result.block_seconds
-        checkpoint.close()
 
         with _timed(timings, "eval_fp_torch_s"):
             fp_scores = score_stream(
@@ -477,5 +476,4 @@ def streamed_perplexity(
         block = load_block(model, adapter, checkpoint, index, device)
         advance(stream, adapter, block, index, device)
         release(block)
-    checkpoint.close()
     return score_stream(model, adapter, stream, windows, desc="perplexity", progress=progress).perplexity

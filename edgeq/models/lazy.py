@@ -89,9 +89,6 @@ class Checkpoint:
                 return dtype
         return torch.float32
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so callers can say when they are done."""
-
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name → file, from the sharded index or by listing each .safetensors file's keys."""
