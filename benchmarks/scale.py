@@ -14,8 +14,9 @@ touched 400 MB gives `python -c pass` a ru_maxrss of 411 MB).
 
 Writes benchmarks/results/scale.json (with machine and versions; rewritten after every row, so an
 interrupted run keeps its rows) and scale.md, and puts the table into README.md between the scale
-markers. The two checks the table shows: the 3B export's peak ≤ 8 GiB, and peak(3B) / peak(1B) below
-the parameter ratio (memory grows slower than the model).
+markers. The checks the table shows: the 3B export's peak ≤ 8 GiB, peak(3B) / peak(1B) below the
+parameter ratio (memory grows slower than the model), and the README's main job (the real SmolLM2,
+BoA, qdq, default settings; its own row, last) within 2 GiB.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ README_MARKER = "scale results"
 BOA_MODELS = ("smollm2-135m", "qwen2.5-0.5b")
 BIG, SMALL = "llama-3.2-3b", "llama-3.2-1b"  # the must-show pair, RTN rows
 PEAK_LIMIT_BYTES = 8 * 2**30
+# the README's main job, run as the README runs it: the bundled real SmolLM2-135M-Instruct, w4a16 with
+# the defaults (BoA, qdq format, the default calibration and evaluation)
+MAIN_JOB, MAIN_JOB_METHOD = "smollm2-135m-instruct", "boa"
+MAIN_JOB_LIMIT_BYTES = 2 * 2**30
 LOG_TAIL_LINES = 20
 
 # Runs ``argv[2:]``, waits for it with wait4 and writes {"status", "maxrss_kib", "wall_s"} to argv[1].
@@ -104,6 +109,21 @@ def export_args(model_dir: Path, method: str, out: Path, args: argparse.Namespac
         "--decode-tokens", str(args.decode_tokens), "--providers", "cpu",
         *(["--device", "cpu"] if device else []), "--out", str(out), "--overwrite",
     ]  # fmt: skip
+
+
+def main_job_args(out: Path) -> list[str]:
+    """The README's main job (after ``edgeq``), with its output folder."""
+    return [
+        "--no-progress",
+        "export",
+        "--model",
+        "smollm2-135m",
+        "--scheme",
+        "w4a16",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
 
 
 def block_seconds(report: dict) -> list[float] | None:
@@ -182,7 +202,16 @@ def must_show_checks(rows: list[dict]) -> dict:
             ratio["peak_ratio"] = big["peak_rss_bytes"] / small["peak_rss_bytes"]
             ratio["parameter_ratio"] = big["parameters"] / small["parameters"]
             ratio["passed"] = ratio["peak_ratio"] < ratio["parameter_ratio"]
-    return {"peak_3b_within_limit": peak, "peak_ratio_below_parameter_ratio": ratio}
+    job = next((r for r in rows if r.get("main_job")), None)
+    main = {"model": MAIN_JOB, "peak_rss_bytes": None, "limit_bytes": MAIN_JOB_LIMIT_BYTES, "passed": None}
+    if job is not None:
+        main["peak_rss_bytes"] = job["peak_rss_bytes"]
+        main["passed"] = _measured(job) and job["peak_rss_bytes"] <= MAIN_JOB_LIMIT_BYTES
+    return {
+        "peak_3b_within_limit": peak,
+        "peak_ratio_below_parameter_ratio": ratio,
+        "main_job_within_limit": main,
+    }
 
 
 def _gib(n: float | None) -> str:
@@ -223,7 +252,7 @@ def markdown(results: dict) -> str:
         "(mean / max) | ONNX (GB) | artifact (GB) | perplexity ratio | validated |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in results["rows"]:
+    for r in (r for r in results["rows"] if not r.get("main_job")):
         blocks = (
             f"{r['block_seconds_mean']:.1f} / {r['block_seconds_max']:.1f}"
             if r["block_seconds_mean"] is not None
@@ -252,9 +281,25 @@ def markdown(results: dict) -> str:
         + " < parameters ratio "
         + (f"{ratio['parameter_ratio']:.2f}" if ratio["parameter_ratio"] is not None else "?")
         + f": {_verdict(ratio['passed'])}.",
-        "",
-        f"Produced by `{results['command']}` on {results['date']}.",
     ]
+    main = results["checks"].get("main_job_within_limit")
+    job = next((r for r in results["rows"] if r.get("main_job")), None)
+    if main is not None:
+        ppl = (job or {}).get("perplexity") or {}
+        onnx = next(iter((ppl.get("quant_onnx") or {}).values()), {}).get("accuracy_level_0")
+        numbers = (
+            f"; perplexity FP {ppl['fp_torch']:.3f}, quantized PyTorch {ppl['quant_torch']:.3f}, "
+            f"ONNX Runtime {onnx:.3f}; {_seconds(job['wall_s'])} s"
+            if ppl.get("fp_torch") and ppl.get("quant_torch") and onnx
+            else ""
+        )
+        lines.append(
+            f"- The README's main job (`edgeq export --model smollm2-135m --scheme w4a16`: the real "
+            f"SmolLM2-135M-Instruct, BoA, qdq format, default calibration and evaluation) peak RSS "
+            f"{_gib(main['peak_rss_bytes']) or '?'} GiB ≤ {main['limit_bytes'] / 2**30:.0f} GiB: "
+            f"{_verdict(main['passed'])}{numbers}."
+        )
+    lines += ["", f"Produced by `{results['command']}` on {results['date']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--latency-runs", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--no-main-job", action="store_true", help="skip the README main job's row")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results JSON")
@@ -336,14 +382,34 @@ def main(argv: list[str] | None = None) -> None:
                 }
             folder, parameters = Path(models[model]["folder"]), models[model]["parameters"]
             rows.append(run_row(model, method, folder, parameters, work, args, device))
-            # after every row, so that an interrupted run keeps what it measured; save_results reads
-            # the window count from an evaluation tensor's shape (the windows live in the child)
-            results = save_results(
-                args, "scale", torch.empty(args.eval_windows, 0), models=models, rows=rows,
-                checks=must_show_checks(rows), device_flag=device,
-                init={"embed_std": EMBED_STD, "block_std": BLOCK_STD, "self_logit": SELF_LOGIT},
-            )  # fmt: skip
+            results = save(args, models, rows, device)  # an interrupted run keeps what it measured
+        if not args.no_main_job:
+            rows.append(run_main_job(work, args))
+            results = save(args, models, rows, device)
     write_tables(results, args.out, not args.no_readme)
+
+
+def save(args: argparse.Namespace, models: dict, rows: list[dict], device: bool) -> dict:
+    # save_results reads the window count from an evaluation tensor's shape (the windows live in
+    # the child)
+    return save_results(
+        args, "scale", torch.empty(args.eval_windows, 0), models=models, rows=rows,
+        checks=must_show_checks(rows), device_flag=device,
+        init={"embed_std": EMBED_STD, "block_std": BLOCK_STD, "self_logit": SELF_LOGIT},
+    )  # fmt: skip
+
+
+def run_main_job(work: Path, args: argparse.Namespace) -> dict:
+    """The README's main job in a child process, measured like every row."""
+    out, log = work / "main-job", work / "main-job.log"
+    shutil.rmtree(out, ignore_errors=True)
+    cli = main_job_args(out)
+    print(f"main job: edgeq {' '.join(cli)}", flush=True)
+    row = make_row(MAIN_JOB, MAIN_JOB_METHOD, run_measured([*edgeq_cli(), *cli], log), out, log, 0)
+    print(f"main job: peak {_gib(row['peak_rss_bytes'])} GiB, {_seconds(row['wall_s'])} s", flush=True)
+    if not args.keep_artifacts:
+        shutil.rmtree(out, ignore_errors=True)
+    return row | {"command": "edgeq " + " ".join(cli), "main_job": True, "format": "qdq"}
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:

@@ -55,7 +55,11 @@ class PerTokenFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, bits: int, symmetric: bool, clip_ratio: float, width: int):
-        """``width``: the size of x's last axis (one quantization block), static in the graph."""
+        """``width``: the size of x's last axis (one quantization block), static in the graph. A
+        float16 x is quantized in float32 and the result cast back, as ``fake_quant_per_token`` does."""
+        half = x.type().scalarType() == "Half"
+        if half:
+            x = g.op("Cast", x, to_i=TensorProto.FLOAT)
         axes = g.op("Constant", value_t=torch.tensor([-1]))
         zero = g.op("Constant", value_t=torch.tensor(0.0))
         one = g.op("Constant", value_t=torch.tensor(1.0))
@@ -80,7 +84,8 @@ class PerTokenFakeQuant(torch.autograd.Function):
             low = g.op("Constant", value_t=torch.tensor(qmin, dtype=container))
             high = g.op("Constant", value_t=torch.tensor(qmax, dtype=container))
             q = g.op("Clip", q, low, high)
-        return g.op("DequantizeLinear", q, safe, *zp, **attrs)
+        out = g.op("DequantizeLinear", q, safe, *zp, **attrs)
+        return g.op("Cast", out, to_i=TensorProto.FLOAT16) if half else out
 
 
 class QuantInputLinear(nn.Module):

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float32",
         choices=("float32", "float16"),
-        help="float type of the exported graph; float16 for ORT's CUDA provider, --format ort only "
+        help="float type of the exported graph, either format; float16 for ORT's CUDA provider "
         "(default %(default)s)",
     )
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")

@@ -62,21 +62,28 @@ def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
     return path
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+# the graph's float types: initializer data type → numpy type
+FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+def _digest(array: np.ndarray, float_type=np.float32) -> str:
+    """Hash of ``array`` as the graph stores it in ``float_type`` (float16 rounds first)."""
+    stored = np.ascontiguousarray(array, dtype=np.float32).astype(float_type)
+    return hashlib.sha256(stored.astype(np.float32).tobytes()).hexdigest()
 
 
 def dequantize_linear_initializers(
-    name: str, qweight: QuantizedWeight, transposed: bool = True
+    name: str, qweight: QuantizedWeight, transposed: bool = True, float_type=np.float32
 ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
     """Initializers and the DequantizeLinear node that compute ``name``: Wᵀ [in, out] for a MatMul
     (``transposed``), or W [out, in] itself for a Gather table (an embedding).
 
     Blocked along the input axis with ``block_size = group_size``, or per output channel when one
     group spans the whole input. Symmetric grids are stored as INT4 without a zero point, asymmetric
-    ones as UINT4 with a UINT4 zero point (INT8 / UINT8 for 8-bit grids).
+    ones as UINT4 with a UINT4 zero point (INT8 / UINT8 for 8-bit grids). The scales are stored in
+    ``float_type``, which is what DequantizeLinear outputs (float16 for a float16 graph).
     """
-    codes, scale, zero = qweight.codes.numpy(), qweight.scale.numpy().astype(np.float32), qweight.zero.numpy()
+    codes, scale, zero = qweight.codes.numpy(), qweight.scale.numpy().astype(float_type), qweight.zero.numpy()
     if transposed:  # [in, out], scales [n_groups, out]
         codes, scale, zero = codes.T, scale.T, zero.T
     in_axis = 0 if transposed else 1
@@ -110,27 +117,34 @@ def replace_weights_with_qdq(
     graph_model: onnx.ModelProto,
     weights: dict[str, QuantizedWeight],
     tables: dict[str, QuantizedWeight] | None = None,
+    float_type=np.float32,
 ) -> int:
     """Swap each quantized linear's float initializer (matched by value to Wᵀ) and each quantized
     Gather table (an embedding, matched by value to W) for int4 + DQ. Returns how many initializers
-    were replaced; every quantized weight must be found."""
+    were replaced; every quantized weight must be found. ``float_type``: the graph's (float16 when
+    the model was traced in float16: its weights are the dequantized values rounded to float16)."""
     wanted: dict[str, tuple[str, bool]] = {}
     for module_name, qweight in weights.items():
-        wanted.setdefault(_digest(qweight.dequantize().numpy().T), (module_name, True))
+        wanted.setdefault(_digest(qweight.dequantize().numpy().T, float_type), (module_name, True))
     for module_name, qweight in (tables or {}).items():
-        wanted.setdefault(_digest(qweight.dequantize().numpy()), (module_name, False))
+        wanted.setdefault(_digest(qweight.dequantize().numpy(), float_type), (module_name, False))
     everything = weights | (tables or {})
     graph = graph_model.graph
     kept, new_tensors, new_nodes, found = [], [], [], set()
     for init in graph.initializer:
         match = None
-        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2:
-            match = wanted.get(_digest(numpy_helper.to_array(init)))
+        # a float16 trace may still hold a weight in float32 (the exporter upcasts where torch
+        # computes in float32, e.g. after attention): its values are the float16 ones, and its
+        # DequantizeLinear outputs float32 like it
+        if init.data_type in FLOAT_TYPES and len(init.dims) == 2:
+            match = wanted.get(_digest(numpy_helper.to_array(init), float_type))
         if match is None:
             kept.append(init)
             continue
         module_name, transposed = match
-        tensors, node = dequantize_linear_initializers(init.name, everything[module_name], transposed)
+        tensors, node = dequantize_linear_initializers(
+            init.name, everything[module_name], transposed, FLOAT_TYPES[init.data_type]
+        )
         new_tensors += tensors
         new_nodes.append(node)
         found.add(module_name)
@@ -162,12 +176,12 @@ def share_tied_table(graph_model: onnx.ModelProto) -> int:
     dropped = 0
     for table_name in sorted(tables):
         table = inits[table_name]
-        if table.data_type != TensorProto.FLOAT:
+        if table.data_type not in FLOAT_TYPES:
             continue
         transposed_shape = list(reversed(table.dims))
         candidates = [
             init for init in graph.initializer
-            if init.data_type == TensorProto.FLOAT and list(init.dims) == transposed_shape
+            if init.data_type == table.data_type and list(init.dims) == transposed_shape
         ]  # fmt: skip
         if not candidates:
             continue

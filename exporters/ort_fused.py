@@ -431,8 +431,6 @@ class FusedDecoderWriter:
     cache; ``logits`` stay float32). RoPE angles are computed in float32 either way.
     """
 
-    keeps_blocks = False  # a block may be freed as soon as it was added
-
     def __init__(
         self, model, adapter: Adapter, out_dir: Path, opset: int = DEFAULT_OPSET,
         accuracy_level: int = DEFAULT_ACCURACY_LEVEL, dtype: str = "float32",

@@ -154,7 +154,6 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--format", "tflite"], "unknown format 'tflite'"),
         (["--kv-bits", "2"], "KV cache bits must be"),
         (["--latency-runs", "0"], "--latency-runs and --decode-tokens must be at least 1"),
-        (["--dtype", "float16", "--format", "qdq"], "--dtype float16 is written for --format ort"),
     ],
     ids=[
         "scheme",
@@ -167,7 +166,6 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         "format",
         "kv-bits",
         "latency-runs",
-        "float16-qdq",
     ],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):

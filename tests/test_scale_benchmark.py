@@ -172,6 +172,12 @@ def test_must_show_checks(scale):
     missing = scale.must_show_checks([big])
     assert missing["peak_3b_within_limit"]["passed"] is True
     assert missing["peak_ratio_below_parameter_ratio"]["passed"] is None
+    assert missing["main_job_within_limit"]["passed"] is None
+
+    job = _row(scale.MAIN_JOB, 1.5 * GiB, 1.35e8, method="boa") | {"main_job": True}
+    assert scale.must_show_checks([big, job])["main_job_within_limit"]["passed"] is True
+    heavy = job | {"peak_rss_bytes": 2.5 * GiB}
+    assert scale.must_show_checks([heavy])["main_job_within_limit"]["passed"] is False
 
 
 def test_block_seconds_wherever_the_report_keeps_them(scale):
@@ -231,7 +237,17 @@ def test_rows_come_from_the_report_and_failures_keep_their_log(scale, tmp_path):
     table = scale.markdown(results)
     assert "| m | rtn | 0.000 | 3.00 | 50 | 20 | 5.0 / 6.0 | 0.00 | 0.00 | 1.100 | no |" in table
     assert "| m | boa |" in table and "failed: MemoryError |" in table
-    assert table.count("not run") == 2
+    assert table.count("not run") == 3  # the 3B peak, the ratio and the main job
+
+    job_report = REPORT | {"perplexity": {**REPORT["perplexity"], "quant_torch": 109.0}}
+    (out / "report.json").write_text(json.dumps(job_report))
+    job = scale.make_row(scale.MAIN_JOB, "boa", {**run, "peak_rss_bytes": GiB}, out, log, 0) | {
+        "main_job": True
+    }
+    results |= {"rows": [row, job], "checks": scale.must_show_checks([row, job])}
+    table = scale.markdown(results)
+    assert f"| {scale.MAIN_JOB} |" not in table  # not a random-weight row of the table
+    assert "peak RSS 1.00 GiB ≤ 2 GiB: **pass**; perplexity FP 100.000, quantized PyTorch 109.000" in table
 
 
 def test_every_export_flag_is_one_the_cli_takes(scale):
@@ -247,6 +263,10 @@ def test_every_export_flag_is_one_the_cli_takes(scale):
     assert (parsed.calib_samples, parsed.calib_seq_len, parsed.eval_seq_len) == (8, 128, 128)
     assert "--device" not in cli
     assert scale.export_args(Path("m"), "rtn", Path("o"), args, device=True)[-5:-3] == ["--device", "cpu"]
+    main_job = build_parser().parse_args(scale.main_job_args(Path("/tmp/main")))
+    # the scheme's defaults: BoA, qdq
+    assert (main_job.model, main_job.scheme, main_job.method) == ("smollm2-135m", "w4a16", None)
+    assert main_job.format == "qdq"
 
 
 def test_readme_has_the_scale_markers(scale):

@@ -38,7 +38,7 @@ def smollm2_artifact(tmp_path_factory) -> Path:
     status = main([
         "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a16", "--method", "rtn",
         "--group-size", "128", "--calib-samples", "4", "--calib-seq-len", "256",
-        "--eval-windows", str(EVAL_WINDOWS), "--out", str(out),
+        "--eval-windows", str(EVAL_WINDOWS), "--latency-runs", "1", "--decode-tokens", "8", "--out", str(out),
     ])  # fmt: skip
     assert status == 0
     return out
@@ -148,7 +148,7 @@ def test_gptq_and_boa_beat_rtn_at_w3_per_channel():
     need the benchmark's calibration set; see benchmarks/weight_only.py)."""
     source = resolve_model("smollm2-135m")
     data = prepare_text_data(
-        load_tokenizer(source), CalibrationConfig(None, 4, 256), EvalConfig(None, 512, 4)
+        load_tokenizer(source), CalibrationConfig(None, 4, 128), EvalConfig(None, 512, 2)
     )
     ppl = {}
     for method in ("rtn", "gptq", "boa"):
@@ -166,7 +166,7 @@ def smollm2_w4a4_artifact(tmp_path_factory) -> Path:
     status = main([
         "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a4", "--method", "rtn",
         "--calib-samples", "4", "--calib-seq-len", "256", "--eval-windows", str(EVAL_WINDOWS),
-        "--format", "ort", "--out", str(out),
+        "--latency-runs", "1", "--decode-tokens", "8", "--format", "ort", "--out", str(out),
         # RTN at W4A4 is far from FP (see benchmarks/w4a4.py); this fixture tests the export itself
         "--max-ppl-ratio", "100", "--min-top1", "0.05",
     ])  # fmt: skip
@@ -276,7 +276,7 @@ def test_float16_fused_graph_on_smollm2_matches_pytorch_in_float16(tmp_path):
     status = main([
         "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a16", "--method", "rtn",
         "--format", "ort", "--dtype", "float16", "--calib-samples", "4", "--calib-seq-len", "256",
-        "--eval-windows", str(EVAL_WINDOWS), "--latency-runs", "1", "--decode-tokens", "8", "--out", str(out),
+        "--eval-windows", "3", "--latency-runs", "1", "--decode-tokens", "8", "--out", str(out),
     ])  # fmt: skip
     assert status == 0
     report = json.loads((out / "report.json").read_text())

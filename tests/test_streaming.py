@@ -72,7 +72,11 @@ def test_a_sharded_checkpoint_loads_block_by_block_and_frees_it(tmp_path):
 
 @pytest.mark.parametrize(
     ("model_type", "scheme", "method", "embedding"),
-    [("llama", "w4a16", "gptq", False), ("qwen2", "w4a16", "boa", False), ("llama", "w4a16", "rtn", True)],
+    [
+        ("llama", "w4a16", "gptq", False),
+        ("qwen2", "w4a16", "boa", False),
+        ("llama", "w4a16", "rtn", True),
+    ],
 )
 def test_streamed_export_writes_the_in_memory_pipelines_graph(
     tmp_path, text_data_dir, model_type, scheme, method, embedding
@@ -109,7 +113,13 @@ def test_streamed_export_writes_the_in_memory_pipelines_graph(
     assert report["perplexity"]["quant_torch"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_only_one_block_is_ever_resident(tmp_path, text_data_dir, monkeypatch):
+@pytest.mark.parametrize(
+    ("fmt", "scheme", "graph"),
+    [("ort", "w4a16", "fused"), ("qdq", "w4a4", "optimum"), ("ort", "w4a4", "optimum")],
+)
+def test_only_one_block_is_ever_resident(tmp_path, text_data_dir, monkeypatch, fmt, scheme, graph):
+    """Both writers, the fused graph and optimum's graph traced block by block, take each block as it
+    is done: the next one is loaded after the last was freed."""
     folder = _model_dir(tmp_path)
     resident: list[int] = []
     load = export_module.CheckpointBlocks.load
@@ -121,30 +131,31 @@ def test_only_one_block_is_ever_resident(tmp_path, text_data_dir, monkeypatch):
         return block
 
     monkeypatch.setattr(export_module.CheckpointBlocks, "load", counting_load)
-    _export(folder, tmp_path / "out", "--scheme", "w4a16", "--method", "gptq", "--format", "ort")
+    report = _export(folder, tmp_path / "out", "--scheme", scheme, "--method", "gptq", "--format", fmt)
     assert resident == [1, 1]  # two blocks, each alone when loaded
+    assert report["onnx"]["graph"] == graph and report["onnx_parity"]["passed"]
 
 
-def test_the_traced_formats_keep_their_blocks_for_the_trace(tmp_path, text_data_dir):
-    """qdq (optimum's trace) needs the whole model: the same export still runs end to end."""
+@pytest.mark.parametrize(
+    ("fmt", "scheme", "graph_kind"),
+    [("ort", "w4a16", "fused"), ("qdq", "w4a16", "optimum"), ("qdq", "w4a4", "optimum")],
+)
+def test_float16_graph_parity_on_the_cpu_provider(tmp_path, text_data_dir, fmt, scheme, graph_kind):
+    """A float16 graph in ORT's CPU provider against the PyTorch model run in float16: perplexity
+    within 1 %, greedy top-1 agreement at least 98 % (with quantized activations, within 2 %)."""
     folder = _model_dir(tmp_path)
-    report = _export(folder, tmp_path / "out", "--scheme", "w4a4", "--method", "gptq")
-    assert report["onnx"]["graph"] == "optimum" and report["onnx_parity"]["passed"]
-
-
-def test_float16_graph_parity_on_the_cpu_provider(tmp_path, text_data_dir):
-    """A float16 fused graph in ORT's CPU provider against the PyTorch model run in float16: perplexity
-    within 1 %, greedy top-1 agreement at least 98 %."""
-    folder = _model_dir(tmp_path)
-    report = _export(folder, tmp_path / "out", "--scheme", "w4a16", "--format", "ort", "--dtype", "float16")
+    report = _export(folder, tmp_path / "out", "--scheme", scheme, "--format", fmt, "--dtype", "float16")
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
     assert types["logits"] == onnx.TensorProto.FLOAT
+    assert report["onnx"]["graph"] == graph_kind and report["onnx"]["dtype"] == "float16"
     check = report["onnx_parity"]
-    assert check["relative_difference"] <= 0.01 and check["top1_agreement"] >= 0.98
-    assert check["passed"] and report["onnx"]["dtype"] == "float16"
-    assert report["validation"]["passed"]
+    if scheme == "w4a16":
+        assert check["relative_difference"] <= 0.01 and check["top1_agreement"] >= 0.98
+    else:
+        assert check["relative_difference"] <= 0.02
+    assert check["passed"] and report["validation"]["passed"]
 
 
 def test_eval_of_a_model_streams_it_and_matches_the_export(tmp_path, text_data_dir, capsys):
