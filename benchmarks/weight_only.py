@@ -1,4 +1,5 @@
-"""Weight-only quantization of one model with RTN, GPTQ and BoA: perplexity, wall time, peak memory.
+"""Weight-only quantization of one model with RTN, GPTQ, BoA, OAC and BoA-OAC: perplexity, wall time,
+peak memory.
 
     python benchmarks/weight_only.py                      # SmolLM2, the settings the README shows
     python benchmarks/weight_only.py --eval-windows all   # the whole WikiText-2 test string
@@ -29,7 +30,8 @@ SETTINGS = {
     "W4 g128": WeightQuantConfig(bits=4, group_size=128),
     "W3 per-channel": WeightQuantConfig(bits=3, group_size=PER_CHANNEL),
 }
-METHODS = ("rtn", "gptq", "boa")
+METHODS = ("rtn", "gptq", "boa", "oac", "boa-oac")
+NAMES = {"boa": "BoA", "oac": "OAC", "boa-oac": "BoA-OAC"}  # the methods compared with GPTQ
 README_MARKER = "weight-only results"
 
 
@@ -52,15 +54,17 @@ def markdown(results: dict) -> str:
         )
     by_key = {(r["setting"], r["method"]): r for r in results["rows"]}
     lines.append("")
+    fp = results["fp_perplexity"]
     for setting in dict.fromkeys(r["setting"] for r in results["rows"]):
-        boa, gptq = by_key.get((setting, "boa")), by_key.get((setting, "gptq"))
-        if boa and gptq:
-            fp = results["fp_perplexity"]
-            gap = (boa["perplexity"] - fp) / (gptq["perplexity"] - fp)
-            lines.append(
-                f"- {setting}: BoA's gap to FP is {gap:.2f} × GPTQ's; "
-                f"BoA's quantization time {boa['seconds'] / gptq['seconds']:.2f} × GPTQ's."
-            )
+        gptq = by_key.get((setting, "gptq"))
+        for method, name in NAMES.items():
+            row = by_key.get((setting, method))
+            if row and gptq:
+                gap = (row["perplexity"] - fp) / (gptq["perplexity"] - fp)
+                lines.append(
+                    f"- {setting}: {name}'s gap to FP is {gap:.2f} × GPTQ's; "
+                    f"{name}'s quantization time {row['seconds'] / gptq['seconds']:.2f} × GPTQ's."
+                )
     lines.append("")
     lines.append(f"Produced by `{results['command']}` on {results['date']}.")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,8 +56,9 @@ from edgeq.pipeline import (
     run_blocks,
 )
 from edgeq.quant import method_class
+from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
-from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head
+from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head, rotate_model
 from edgeq.scoring import agreement_with, score_stream
 from edgeq.validate import (
     TOP_K,
@@ -189,6 +190,24 @@ class CheckpointBlocks:
         release(block)
 
 
+def output_hessian_store(
+    source, adapter, quant, calibration: torch.Tensor, folder: Path, progress: bool
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """OAC's output-adaptive Hessians of every block linear, saved per block in ``folder``; returns
+    the reader of block i's. The backward passes hold the float32 model (rotated as the scheme's
+    plan rotates it) once, before the streamed pass."""
+    model = load_model(source)
+    if quant.rotation.enabled:
+        rotate_model(model, adapter, quant.rotation, quant.activations.kv_bits < 16)
+    store = OutputHessianStore(folder, adapter)
+    store.save(collect_output_hessians(model, adapter, calibration, progress=progress),
+               len(adapter.blocks(model)))  # fmt: skip
+    del model
+    gc.collect()
+    trim_heap()
+    return store.block
+
+
 def run_export(
     config: ExportConfig, out: Path, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -262,6 +281,12 @@ def run_export(
     ppl: dict[str, Any] = {}
     with atomic_folder(out, overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
+        hessians, oac_folder = None, None
+        if method_class(quant.method).needs_output_hessians:
+            oac_folder = tempfile.TemporaryDirectory(prefix="edgeq-oac-")
+            with _timed(timings, "output_hessians_s"):
+                folder = Path(oac_folder.name)
+                hessians = output_hessian_store(source, adapter, quant, data.calibration, folder, progress)
         writer = graph_writer(model, adapter, tmp, config.format, blockers, config.onnx_opset, config.dtype)
         blocks = CheckpointBlocks(model, adapter, checkpoint)
         result = QuantizationResult()
@@ -283,7 +308,10 @@ def run_export(
             evals = EvalStreams(fp=fp_eval, rotated=rotated, quant=quant_eval, quant_dtype=graph_dtype)
             streamed = run_blocks(model, adapter, blocks, quant, calibration, device=device,
                                   storage_dtype=stored, plan=plan, evals=evals, on_block=writer.add_block,
-                                  keep_weights=False, progress=progress)  # fmt: skip
+                                  keep_weights=False, output_hessians=hessians,
+                                  progress=progress)  # fmt: skip
+            if oac_folder is not None:
+                oac_folder.cleanup()
             result.weights |= streamed.weights
             result.layers, result.block_seconds = streamed.layers, streamed.block_seconds
             result.block_output_rel_error = streamed.block_output_rel_error

@@ -39,6 +39,7 @@ from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
 from edgeq.quant.block import BlockContext, block_forward, to_device
 from edgeq.quant.grid import rtn_quantize_in_place
+from edgeq.quant.oac import collect_output_hessians, resident_provider
 from edgeq.rotation.rotate import RotationPlan, rotate_block, untie_lm_head
 
 
@@ -275,6 +276,7 @@ def run_blocks(
     evals: EvalStreams | None = None,
     on_block: BlockCallback | None = None,
     keep_weights: bool = True,
+    output_hessians: Callable[[int], dict[str, torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> QuantizationResult:
     """The block-by-block pass: each decoder block in turn is loaded onto ``device``, rotated
@@ -287,8 +289,11 @@ def run_blocks(
     weights are calibrated (``calibrate_quantized``, the default), so they see the activations they
     will get, or after. ``keep_weights=False`` leaves the integer weights out of the result once
     ``on_block`` has them (a writer that streams them: holding them would hold the whole model).
+    ``output_hessians(i)``: block i's OAC Hessians by role, for the methods that need them.
     """
     method = method_class(config.method)(config)
+    if method.needs_output_hessians and output_hessians is None:
+        raise ValueError(f"method {config.method} needs output_hessians")
     result = QuantizationResult()
     hidden = calibration.hidden
     # the unquantized model's block inputs, for methods that correct for earlier blocks' error
@@ -309,8 +314,9 @@ def run_blocks(
             kwargs = [batch[index] for batch in calibration.kwargs]
             if act.enabled and act.calibrate_quantized:
                 quantize_block_activations(model, adapter, block, act)
+            oac = output_hessians(index) if output_hessians else None
             ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden,
-                               device=device, storage_dtype=storage_dtype)  # fmt: skip
+                               device=device, storage_dtype=storage_dtype, output_hessians=oac)  # fmt: skip
             qweights = method.quantize_block(ctx)
             fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
             for role, layer in ctx.linears.items():
@@ -361,9 +367,13 @@ def quantize_model(
     config.weights.validate()
     config.activations.validate()
     start = time.perf_counter()
+    hessians = None
+    if method_class(config.method).needs_output_hessians:  # backward passes on the float model
+        collected = collect_output_hessians(model, adapter, calibration_ids, progress=progress)
+        hessians = resident_provider(collected, adapter)
     calibration = capture_block_inputs(model, adapter, calibration_ids, batch_size)
     result = run_blocks(model, adapter, ResidentBlocks(model, adapter), config, calibration,
-                        device=device, progress=progress)  # fmt: skip
+                        device=device, output_hessians=hessians, progress=progress)  # fmt: skip
     quantize_embedding_and_head(model, adapter, config, result)
     result.seconds = time.perf_counter() - start
     return result

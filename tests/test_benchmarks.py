@@ -34,6 +34,7 @@ RESULTS = {
         {"setting": "W4", "method": "rtn", "perplexity": 20.0, "seconds": 1.0, "peak_rss_bytes": 2**30},
         {"setting": "W4", "method": "gptq", "perplexity": 14.0, "seconds": 2.0, "peak_rss_bytes": 2**30},
         {"setting": "W4", "method": "boa", "perplexity": 12.0, "seconds": 5.0, "peak_rss_bytes": 2**30},
+        {"setting": "W4", "method": "oac", "perplexity": 11.0, "seconds": 6.0, "peak_rss_bytes": 2**30},
     ],
     "command": "python benchmarks/weight_only.py",
     "date": "2026-01-01",
@@ -46,6 +47,8 @@ def test_table_rows_and_ratios_come_from_the_results():
     assert "| W4 | boa | 12.00 | +2.00 |" in table
     assert "BoA's gap to FP is 0.50 × GPTQ's" in table
     assert "2.50 × GPTQ's" in table
+    assert "OAC's gap to FP is 0.25 × GPTQ's; OAC's quantization time 3.00 × GPTQ's" in table
+    assert "BoA-OAC" not in table  # no row, no line
 
 
 def test_readme_is_updated_only_between_the_markers(tmp_path):

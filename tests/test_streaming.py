@@ -76,6 +76,7 @@ def test_a_sharded_checkpoint_loads_block_by_block_and_frees_it(tmp_path):
         ("llama", "w4a16", "gptq", False),
         ("qwen2", "w4a16", "boa", False),
         ("llama", "w4a16", "rtn", True),
+        ("qwen2", "w4a16", "boa-oac", False),  # OAC's Hessians from a pre-pass, read back per block
     ],
 )
 def test_streamed_export_writes_the_in_memory_pipelines_graph(

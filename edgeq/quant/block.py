@@ -45,6 +45,9 @@ class BlockContext:
     device: where the block is and runs; the stored batches (hidden, fp_hidden and the recorded
     outputs) stay on the CPU in ``storage_dtype`` and move to the device one batch at a time, in
     float32.
+
+    output_hessians: OAC's output-adaptive Hessian of each role's linear (``edgeq.quant.oac``), for
+    the methods that use them; None otherwise.
     """
 
     index: int
@@ -58,6 +61,7 @@ class BlockContext:
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
     device: torch.device | str = "cpu"
     storage_dtype: torch.dtype = torch.float32
+    output_hessians: dict[str, torch.Tensor] | None = None
 
     @property
     def linears(self) -> dict[str, nn.Linear]:

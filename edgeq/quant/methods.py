@@ -5,7 +5,9 @@
 
 RTN needs no data. GPTQ collects each linear's input Hessian. BoA also collects the attention
 statistics of its Q/K/V Hessians (see ``edgeq.quant.boa``) and, with ``alpha > 0``, corrects each
-weight for the error of the blocks quantized before it.
+weight for the error of the blocks quantized before it. OAC and BoA-OAC use output-adaptive
+Hessians (``edgeq.quant.oac``), collected by backward passes before the blocks are quantized
+(``needs_output_hessians``) and handed to each block in ``ctx.output_hessians``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RTN:
     """Round to nearest: each weight to its nearest grid point."""
 
     needs_fp_stream = False
+    needs_output_hessians = False
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -104,6 +107,7 @@ class GPTQ:
     """GPTQ on every linear, each with the Hessian of its own input."""
 
     needs_fp_stream = False
+    needs_output_hessians = False
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -144,6 +148,8 @@ def collect_attention_statistics(
 class BoA:
     """BoA on W_Q, W_K, W_V (attention-aware Kronecker Hessians); GPTQ on o_proj and the MLP."""
 
+    needs_output_hessians = False
+
     def __init__(self, config: QuantConfig):
         self.config = config
         self.needs_fp_stream = config.boa.alpha > 0
@@ -174,11 +180,49 @@ class BoA:
         v_h_col = h_x if v_col is None else v_col
         out["v"] = kronecker_quantize(target("v", "q"), h_row_v, v_h_col, weights, v_options, gptq)
         for role in OTHER_ROLES:
-            out[role] = gptq_quantize(target(role, role), acc[role].hessian, weights, gptq)
+            out[role] = gptq_quantize(target(role, role), self.other_hessian(ctx, role, acc), weights, gptq)
         return out
 
+    def other_hessian(self, ctx: BlockContext, role: str, acc: dict[str, HessianAccumulator]) -> torch.Tensor:
+        """The Hessian GPTQ uses on o_proj and the MLP linears: their input's 2E[x xᵀ]."""
+        return acc[role].hessian
 
-METHODS = {"rtn": RTN, "gptq": GPTQ, "boa": BoA}
+
+def _output_hessian(ctx: BlockContext, role: str) -> torch.Tensor:
+    if ctx.output_hessians is None:
+        raise EdgeqError("this method needs OAC's output-adaptive Hessians, and none were collected")
+    return ctx.output_hessians[role].to(ctx.device)
+
+
+class OAC:
+    """GPTQ on every linear, each with its output-adaptive Hessian E_s[G_sᵀ G_s] (``edgeq.quant.oac``)
+    in place of 2E[x xᵀ]: rounding errors weighed by what they do to the model's cross-entropy."""
+
+    needs_fp_stream = False
+    needs_output_hessians = True
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        weights, options = self.config.weights, self.config.gptq
+        return {
+            role: gptq_quantize(layer.weight.data, _output_hessian(ctx, role), weights, options)
+            for role, layer in ctx.linears.items()
+        }
+
+
+class BoAOAC(BoA):
+    """BoA's attention-aware Kronecker Hessians on W_Q, W_K, W_V; OAC's output-adaptive Hessians on
+    o_proj and the MLP, where BoA falls back to GPTQ's layer-local 2E[x xᵀ]."""
+
+    needs_output_hessians = True
+
+    def other_hessian(self, ctx: BlockContext, role: str, acc: dict[str, HessianAccumulator]) -> torch.Tensor:
+        return _output_hessian(ctx, role)
+
+
+METHODS = {"rtn": RTN, "gptq": GPTQ, "boa": BoA, "oac": OAC, "boa-oac": BoAOAC}
 
 
 def method_class(name: str):
