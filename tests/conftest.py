@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,14 @@ def text_data_dir(tmp_path: Path, monkeypatch) -> Path:
     root = write_text_data(tmp_path / "data")
     monkeypatch.setenv("EDGEQ_DATA_DIR", str(root))
     return root
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ as a module (the scripts import their neighbours ``common`` and
+    ``scale_models`` as scripts do, so that folder is on the path while it loads)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))

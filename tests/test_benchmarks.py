@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    """A benchmark script as a module (they import their neighbour ``common`` as scripts do)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+from conftest import benchmark_module
 
 
 def _weight_only():
-    return _script("weight_only")
+    return benchmark_module("weight_only")
 
 
 RESULTS = {
@@ -56,7 +40,7 @@ def test_readme_is_updated_only_between_the_markers(tmp_path):
     readme.write_text(
         "before\n<!-- weight-only results: start -->\nold\n<!-- weight-only results: end -->\nafter\n"
     )
-    _script("common").update_readme("new table\n", "weight-only results", readme)
+    benchmark_module("common").update_readme("new table\n", "weight-only results", readme)
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n")
     assert "new table" in text and "old" not in text
@@ -83,7 +67,7 @@ W4A4_RESULTS = {
 
 
 def test_w4a4_table_and_gap_ratio_come_from_the_results():
-    table = _script("w4a4").markdown(W4A4_RESULTS)
+    table = benchmark_module("w4a4").markdown(W4A4_RESULTS)
     assert "| rotation + BoA | 35.00 | +25.00 | 9 | 1.00 |" in table
     assert "gap to FP is 0.25 × rotation + RTN's" in table
     assert "| rotation + BoA | A16 | 12.50 | +2.50 |" in table
@@ -128,7 +112,7 @@ COMPARE_RESULTS = {
 
 
 def test_compare_table_has_failures_ratios_and_the_plot(tmp_path):
-    compare = _script("compare")
+    compare = benchmark_module("compare")
     table = compare.markdown(COMPARE_RESULTS, "compare.png")
     assert "| ORT-RTN-ASYM | `ort-rtn-asym` |  | failed: ValueError: a \\| b |" in table
     assert (
@@ -142,7 +126,7 @@ def test_compare_table_has_failures_ratios_and_the_plot(tmp_path):
 
 
 def test_compare_rows_select_by_key_or_label_and_always_keep_fp32():
-    compare = _script("compare")
+    compare = benchmark_module("compare")
     assert [r.key for r in compare.select_rows("edgeq-w4a4-boa,ORT HQQ block 128")] == [
         "fp32", "ort-hqq", "edgeq-w4a4-boa",
     ]  # fmt: skip
@@ -153,7 +137,7 @@ def test_compare_finds_the_lm_head_by_the_logits_output_not_by_name():
     import onnx
     from onnx import TensorProto, helper
 
-    compare = _script("compare")
+    compare = benchmark_module("compare")
     nodes = [
         helper.make_node("MatMul", ["h", "w1"], ["x"], name="a"),
         helper.make_node("MatMul", ["x", "w2"], ["y"], name="whatever"),

@@ -4,7 +4,6 @@ report, and the two checks the scale table must show."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -12,29 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB, GiB = 2**20, 2**30
 
 
-def _benchmark(name: str):
-    """A benchmark module (they import their neighbours ``common`` and ``scale_models`` as scripts do)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 @pytest.fixture(scope="module")
 def sm():
-    return _benchmark("scale_models")
+    return benchmark_module("scale_models")
 
 
 @pytest.fixture(scope="module")
 def scale():
-    return _benchmark("scale")
+    return benchmark_module("scale")
 
 
 TINY = {
