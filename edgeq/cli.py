@@ -165,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     algo.add_argument(
         "--alpha", type=float, help="BoA: correction for earlier blocks' error, 0 = off (TurboBoA)"
     )
+    algo.add_argument(
+        "--aespa-iterations", type=int, help="aespa: Adam steps of each projection's rounding (300)"
+    )
+    mixed = export.add_argument_group("mixed precision (APTQ)")
+    mixed.add_argument(
+        "--avg-bits", type=float,
+        help="give each block linear its own width, averaging at most this many bits per weight",
+    )  # fmt: skip
+    mixed.add_argument(
+        "--bit-choices", type=_bit_choices, help="comma-separated widths --avg-bits may use (default 2,3,4,8)"
+    )
     act = export.add_argument_group("activations and rotations (W4A4)")
     act.add_argument("--act-bits", type=int, help="activation bits: 4, 8 or 16 = off (default: the scheme's)")
     asym = act.add_mutually_exclusive_group()
@@ -256,6 +267,15 @@ def _replace(options, **overrides):
     return dataclasses.replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _bit_choices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths like 2,4,8, got '{text}'"
+        ) from None
+
+
 def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
     quant = scheme_preset(args.scheme)
     weights = _replace(quant.weights, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
@@ -270,6 +290,8 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         kv_bits=args.kv_bits,
     )
     rotation = _replace(quant.rotation, enabled=args.rotate, seed=args.rotation_seed)
+    aespa = _replace(quant.aespa, iterations=args.aespa_iterations)
+    mixed = _replace(quant.mixed, avg_bits=args.avg_bits, bit_choices=args.bit_choices)
     quant = dataclasses.replace(
         quant,
         method=args.method or quant.method,
@@ -278,6 +300,8 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         rotation=rotation,
         gptq=gptq,
         boa=boa,
+        aespa=aespa,
+        mixed=mixed,
         quantize_embedding=bool(args.quantize_embedding or quant.quantize_embedding),
         lm_head_bits=weights.bits if args.quantize_lm_head else args.lm_head_bits or quant.lm_head_bits,
     )

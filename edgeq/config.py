@@ -74,6 +74,9 @@ class BoAOptions:
     alpha: strength of the correction for the error of the blocks quantized before (TurboBoA): each
     weight targets W X_fp, the output on the unquantized model's inputs, instead of W X (0 = off;
     needs a second, unquantized stream of block inputs).
+    output_adaptive_columns: with OAC's Hessians (boa-oac, aespa), the column factor of W_Q, W_K and
+    W_V is each projection's output-adaptive Hessian instead of 2E[x xᵀ] (W_V's attention-weighted
+    one); the row factors stay attention-aware.
     """
 
     row_block: int = 16
@@ -81,6 +84,59 @@ class BoAOptions:
     v_out_proj: bool = False
     row_percdamp: float = 0.01
     alpha: float = 0.0
+    output_adaptive_columns: bool = False
+
+
+@dataclass(frozen=True)
+class AespaOptions:
+    """aespa's learned rounding of W_Q, W_K, W_V (``edgeq.quant.aespa``; o_proj and the MLP use OAC).
+
+    iterations, lr: Adam steps and step size on the rounding variables of each projection.
+    reg: weight λ of the regularizer that drives every rounding to 0 or 1 (its mean over the weights,
+    against a loss scaled to 1 at the start).
+    warmup: fraction of the steps without the regularizer; beta_start → beta_end its annealing.
+    AdaRound's λ = 0.01 with a 20 % warm-up lets the relaxation settle on the continuous optimum,
+    whose rounding ended 2.2-3.4 × above exact BoA's loss on the random layers of
+    ``tests/test_aespa.py``; these defaults end at 0.80-0.90 × BoA's at 3 bits.
+    row_percdamp: dampening of the row Hessians (as BoA's).
+    """
+
+    iterations: int = 500
+    lr: float = 0.1
+    reg: float = 4.0
+    warmup: float = 0.0
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    row_percdamp: float = 0.01
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """APTQ-style mixed precision (``edgeq.quant.aptq``): each block linear gets its own weight width.
+
+    avg_bits: the budget, a parameter-weighted average width over the block linears (None = every
+    linear at ``weights.bits``). bit_choices: the widths a linear may get. widths: the allocation,
+    linear module name → bits; filled by the export from the calibration data, and what the
+    artifact's ``edgeq_config.json`` records.
+    """
+
+    avg_bits: float | None = None
+    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
+    widths: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.avg_bits is not None
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        for bits in self.bit_choices:
+            if bits not in WEIGHT_BITS:
+                raise EdgeqError(f"--bit-choices: {bits} is not a weight width; choose from 2, 3, 4, 8")
+        low, high = min(self.bit_choices), max(self.bit_choices)
+        if not low <= self.avg_bits <= high:
+            raise EdgeqError(f"--avg-bits {self.avg_bits:g} is outside the bit choices' range {low}-{high}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +212,15 @@ class QuantConfig:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     boa: BoAOptions = field(default_factory=BoAOptions)
+    aespa: AespaOptions = field(default_factory=AespaOptions)
+    mixed: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     quantize_embedding: bool = False
     lm_head_bits: int = 16
+
+    def weights_for(self, linear_name: str) -> WeightQuantConfig:
+        """The grid of one block linear: the mixed-precision width where one was allocated."""
+        bits = self.mixed.widths.get(linear_name)
+        return self.weights if bits is None else dataclasses.replace(self.weights, bits=bits)
 
     @property
     def lm_head_weights(self) -> WeightQuantConfig | None:
@@ -242,6 +305,11 @@ class ExportConfig:
         quant["weights"] = WeightQuantConfig(**quant.get("weights", {}))
         quant["gptq"] = GPTQOptions(**quant.get("gptq", {}))
         quant["boa"] = BoAOptions(**quant.get("boa", {}))
+        quant["aespa"] = AespaOptions(**quant.get("aespa", {}))
+        mixed = dict(quant.get("mixed", {}))
+        if "bit_choices" in mixed:
+            mixed["bit_choices"] = tuple(mixed["bit_choices"])
+        quant["mixed"] = MixedPrecisionConfig(**mixed)
         quant["activations"] = ActQuantConfig(**quant.get("activations", {}))
         quant["rotation"] = RotationConfig(**quant.get("rotation", {}))
         if quant.pop("quantize_lm_head", False):  # edgeq_config.json before lm_head_bits

@@ -10,6 +10,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ import torch
 
 import edgeq
 from edgeq.artifact import atomic_folder, check_destination
-from edgeq.config import ExportConfig
+from edgeq.config import ExportConfig, QuantConfig
 from edgeq.data import bos_convention, eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
 from edgeq.evaluation import OrtCausalLM, perplexity
@@ -56,6 +57,8 @@ from edgeq.pipeline import (
     run_blocks,
 )
 from edgeq.quant import method_class
+from edgeq.quant.aptq import average_bits, with_widths
+from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
 from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head, rotate_model
@@ -129,6 +132,7 @@ def validate_inputs(config: ExportConfig) -> None:
     """Every check that needs no model, so bad input fails before minutes of work."""
     config.quant.weights.validate()
     config.quant.activations.validate()
+    config.quant.mixed.validate()
     method_class(config.quant.method)
     if config.format not in FORMATS:
         raise EdgeqError(f"unknown format '{config.format}': choose one of {', '.join(FORMATS)}")
@@ -191,21 +195,23 @@ class CheckpointBlocks:
 
 
 def output_hessian_store(
-    source, adapter, quant, calibration: torch.Tensor, folder: Path, progress: bool
-) -> Callable[[int], dict[str, torch.Tensor]]:
-    """OAC's output-adaptive Hessians of every block linear, saved per block in ``folder``; returns
-    the reader of block i's. The backward passes hold the float32 model (rotated as the scheme's
-    plan rotates it) once, before the streamed pass."""
+    source, adapter, quant: QuantConfig, calibration: torch.Tensor, folder: Path, progress: bool
+) -> tuple[Callable[[int], dict[str, torch.Tensor]], QuantConfig]:
+    """OAC's output-adaptive Hessians of every block linear, saved per block in ``folder``: the
+    reader of block i's, and ``quant`` with its mixed-precision widths allocated from them (APTQ).
+    The backward passes hold the float32 model (rotated as the scheme's plan rotates it) once,
+    before the streamed pass."""
     model = load_model(source)
     if quant.rotation.enabled:
         rotate_model(model, adapter, quant.rotation, quant.activations.kv_bits < 16)
+    hessians = collect_output_hessians(model, adapter, calibration, progress=progress)
+    quant = with_widths(quant, model, adapter, hessians)
     store = OutputHessianStore(folder, adapter)
-    store.save(collect_output_hessians(model, adapter, calibration, progress=progress),
-               len(adapter.blocks(model)))  # fmt: skip
-    del model
+    store.save(hessians, len(adapter.blocks(model)))
+    del model, hessians
     gc.collect()
     trim_heap()
-    return store.block
+    return store.block, quant
 
 
 def run_export(
@@ -238,6 +244,7 @@ def run_export(
     with _timed(timings, "load_s"):
         checkpoint = open_checkpoint(weights_folder(source))
         model = empty_model(load_config(source))
+        linear_sizes = {name: m.weight.numel() for name, m in adapter.named_linears(model).items()}
         load_outer(model, adapter, checkpoint)
         stored = storage_dtype(checkpoint.floating_dtype())
     report: dict[str, Any] = {
@@ -282,11 +289,15 @@ def run_export(
     with atomic_folder(out, overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
         hessians, oac_folder = None, None
-        if method_class(quant.method).needs_output_hessians:
+        if needs_output_hessians(quant):
             oac_folder = tempfile.TemporaryDirectory(prefix="edgeq-oac-")
             with _timed(timings, "output_hessians_s"):
                 folder = Path(oac_folder.name)
-                hessians = output_hessian_store(source, adapter, quant, data.calibration, folder, progress)
+                hessians, quant = output_hessian_store(
+                    source, adapter, quant, data.calibration, folder, progress
+                )
+            config = dataclasses.replace(config, quant=quant)  # with the allocated widths
+            report["config"] = config.to_dict()
         writer = graph_writer(model, adapter, tmp, config.format, blockers, config.onnx_opset, config.dtype)
         blocks = CheckpointBlocks(model, adapter, checkpoint)
         result = QuantizationResult()
@@ -385,6 +396,11 @@ def run_export(
                 "block_output_rel_error": result.block_output_rel_error,
             },
         }
+        if quant.mixed.enabled:
+            report["quantization"]["mixed_precision"] = {
+                "average_bits": average_bits(quant.mixed.widths, linear_sizes),
+                "widths_histogram": dict(sorted(Counter(quant.mixed.widths.values()).items())),
+            }
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         write_fp_reference(tmp, reference)
         if config.validation.enabled:

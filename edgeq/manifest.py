@@ -23,6 +23,7 @@ import onnx
 
 import edgeq
 from edgeq.errors import EdgeqError
+from edgeq.report_md import weight_widths_text
 
 MANIFEST_FILE = "manifest.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -212,6 +213,11 @@ def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], gr
     weights, acts = quant.get("weights", {}), quant.get("activations") or {}
     wbits, abits, kv_bits = weights.get("bits"), acts.get("bits", 16), acts.get("kv_bits", 16)
     container = "" if wbits == 4 else f" (int{wbits} values stored in int4 containers)"
+    if (quant.get("mixed") or {}).get("avg_bits") is not None:
+        container = (
+            f" (each linear its own width: {weight_widths_text(quant)}; 3-bit values in int4 "
+            "containers, 2-bit in int2 at opset 25 or MatMulNBits bits=2, 8-bit in int8)"
+        )
     if fmt == "ort" and graph == "fused":
         how = (
             "packed for `com.microsoft::MatMulNBits` in a graph of ONNX Runtime's fused operators "
@@ -334,7 +340,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
         "",
         f"- Source model: `{model.get('spec')}` ({model.get('model_type')}, edgeq adapter "
         f"`{model.get('adapter')}`, {params_text} parameters)",
-        f"- Scheme `{scheme}`, method `{method}`: weights int{weights.get('bits')}, {group}, {symmetric}; "
+        f"- Scheme `{scheme}`, method `{method}`: weights {weight_widths_text(quant)}, {group}, {symmetric}; "
         f"activations {act_text}; KV cache {kv_text}",
         f"- Rotations applied: {applied}",
         f"- ONNX format `{fmt}`, opset {opset}, {onnx_info.get('quantized_weights', '—')} quantized weights; "

@@ -37,8 +37,10 @@ from edgeq.kv_cache import kv_spec
 from edgeq.memory import trim_heap
 from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
+from edgeq.quant.aptq import with_widths
 from edgeq.quant.block import BlockContext, block_forward, to_device
 from edgeq.quant.grid import rtn_quantize_in_place
+from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import collect_output_hessians, resident_provider
 from edgeq.rotation.rotate import RotationPlan, rotate_block, untie_lm_head
 
@@ -66,6 +68,7 @@ class LayerStats:
     block: int
     role: str
     weight_rel_error: float  # ||W_q - W||_F / ||W||_F
+    bits: int = 4
 
 
 @dataclass
@@ -76,6 +79,7 @@ class QuantizationResult:
     block_output_rel_error: list[float] = field(default_factory=list)  # per block, on calibration data
     block_seconds: list[float] = field(default_factory=list)  # per block: load, calibrate, write
     seconds: float = 0.0
+    widths: dict[str, int] = field(default_factory=dict)  # mixed precision: linear name → bits
 
 
 class _StopForward(Exception):
@@ -324,7 +328,8 @@ def run_blocks(
                 w = layer.weight.data
                 dequant = qweights[role].dequantize().to(device=w.device, dtype=w.dtype)
                 rel = float((dequant - w).norm() / w.norm().clamp_min(1e-12))
-                result.layers.append(LayerStats(name=name, block=index, role=role, weight_rel_error=rel))
+                bits = qweights[role].bits
+                result.layers.append(LayerStats(name, index, role, weight_rel_error=rel, bits=bits))
                 layer.weight.data.copy_(dequant)
                 if keep_weights:
                     result.weights[name] = qweights[role]
@@ -357,23 +362,30 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    output_hessians: dict[str, torch.Tensor] | None = None,
 ) -> QuantizationResult:
     """Quantize every decoder-block linear of a model held in memory, in place (weights become their
     dequantized integer values), and return the integer weights by module name: ``run_blocks`` over
     its resident blocks, then the embedding and lm_head as the config asks.
 
-    calibration_ids: LongTensor [N, L].
+    calibration_ids: LongTensor [N, L]. output_hessians: OAC's Hessians by linear name, when already
+    collected on this float model and calibration (a benchmark reuses them across settings);
+    otherwise collected here for the methods that need them.
     """
     config.weights.validate()
     config.activations.validate()
+    config.mixed.validate()
     start = time.perf_counter()
     hessians = None
-    if method_class(config.method).needs_output_hessians:  # backward passes on the float model
-        collected = collect_output_hessians(model, adapter, calibration_ids, progress=progress)
-        hessians = resident_provider(collected, adapter)
+    if needs_output_hessians(config):  # backward passes on the float model
+        if output_hessians is None:
+            output_hessians = collect_output_hessians(model, adapter, calibration_ids, progress=progress)
+        hessians = resident_provider(output_hessians, adapter)
+        config = with_widths(config, model, adapter, output_hessians)
     calibration = capture_block_inputs(model, adapter, calibration_ids, batch_size)
     result = run_blocks(model, adapter, ResidentBlocks(model, adapter), config, calibration,
                         device=device, output_hessians=hessians, progress=progress)  # fmt: skip
     quantize_embedding_and_head(model, adapter, config, result)
+    result.widths = dict(config.mixed.widths)
     result.seconds = time.perf_counter() - start
     return result

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
 
 REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
-PLOT_FILES = {"perplexity": "perplexity.png", "layer_errors": "layer_errors.png", "latency": "latency.png"}
+PLOT_FILES = {
+    "perplexity": "perplexity.png",
+    "layer_errors": "layer_errors.png",
+    "layer_bits": "layer_bits.png",
+    "latency": "latency.png",
+}
 ROLE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 WORST_LAYERS = 5
 MB = 1e6
@@ -72,6 +77,7 @@ def render_markdown(report: dict, plot_names: dict[str, str]) -> str:
         _gates(report),
         _timings(report),
         _layer_errors(report, plot_names),
+        _layer_bits(report, plot_names),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -86,6 +92,30 @@ def plot_layer_errors(report: dict, path: Path) -> Path:
     fig, axes = _figure(8.0, 6.0, nrows=2)
     _draw_role_lines(axes[0], layers)
     _draw_block_errors(axes[1], block_errors)
+    return _save(fig, path)
+
+
+def plot_layer_bits(report: dict, path: Path) -> Path:
+    """Weight width of every quantized layer along depth, one line per role: where a mixed-precision
+    allocation spent its bits."""
+    layers = _mixed_layers(report)
+    if not layers:
+        raise ValueError("the report has no per-layer widths to plot")
+    fig, axes = _figure(8.0, 3.5)
+    ax = axes[0]
+    roles = _ordered_roles(layers)
+    for offset, role in enumerate(roles):  # a small vertical offset per role keeps equal widths apart
+        of_role = [layer for layer in layers if layer.get("role") == role]
+        points = sorted((layer.get("block", 0), layer["bits"]) for layer in of_role)
+        shift = 0.08 * (offset - (len(roles) - 1) / 2)
+        ax.plot([b for b, _ in points], [w + shift for _, w in points], marker="o", markersize=3, label=role)
+    ax.set_title("Weight bits per layer")
+    ax.set_xlabel("block")
+    ax.set_ylabel("bits")
+    ax.set_yticks(sorted({layer["bits"] for layer in layers}))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(title="role", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -281,17 +311,27 @@ def _quant_rows(quant: dict) -> list[tuple[str, str]]:
     return [
         ("Scheme", quant.get("scheme", DASH)),
         ("Method", method_text),
-        ("Weights", _weights_text(quant.get("weights", {}))),
+        ("Weights", _weights_text(quant)),
         ("Activations", _activations_text(quant.get("activations", {}))),
         ("KV cache", _kv_text(_get(quant, "activations", "kv_bits"))),
     ]
 
 
-def _weights_text(weights: dict) -> str:
+def _weights_text(quant: dict) -> str:
+    weights = quant.get("weights", {})
     group = weights.get("group_size")
     groups = "one scale per output channel" if group == -1 else f"group size {group}"
     symmetric = "symmetric" if weights.get("symmetric") else "asymmetric"
-    return f"{weights.get('bits', '?')}-bit, {groups}, {symmetric}"
+    return f"{weight_widths_text(quant)}, {groups}, {symmetric}"
+
+
+def weight_widths_text(quant: dict) -> str:
+    """ "4-bit", or under mixed precision "2/3/4/8-bit mixed, at most 3 bits on average"."""
+    mixed = quant.get("mixed") or {}
+    widths = sorted(set((mixed.get("widths") or {}).values()))
+    if mixed.get("avg_bits") is None or not widths:
+        return f"{_get(quant, 'weights', 'bits', default='?')}-bit"
+    return f"{'/'.join(map(str, widths))}-bit mixed, at most {mixed['avg_bits']:g} bits on average (APTQ)"
 
 
 def _activations_text(act: dict) -> str:
@@ -513,6 +553,35 @@ def _layer_errors(report: dict, plot_names: dict[str, str]) -> list[str]:
     return lines
 
 
+def _mixed_layers(report: dict) -> list[dict]:
+    """The layers with their widths, when the export allocated mixed precision (else [])."""
+    if _get(report, "config", "quant", "mixed", "avg_bits") is None:
+        return []
+    return [layer for layer in _layers(report) if isinstance(layer.get("bits"), int)]
+
+
+def _layer_bits(report: dict, plot_names: dict[str, str]) -> list[str]:
+    layers = _mixed_layers(report)
+    if not layers:
+        return []
+    mixed = _get(report, "quantization", "mixed_precision", default={}) or {}
+    budget = _get(report, "config", "quant", "mixed", "avg_bits")
+    lines = ["## Mixed precision", ""]
+    average = mixed.get("average_bits")
+    summary = f"Budget: an average of {budget:g} bits per weight over the block linears"
+    if _is_number(average):
+        summary += f"; allocated {average:.3f} (parameter-weighted)"
+    lines += [summary + ". Widths follow each linear's Hessian-trace sensitivity (APTQ).", ""]
+    lines += _image(plot_names, "layer_bits", "Weight bits per layer along depth")
+    widths = sorted({layer["bits"] for layer in layers})
+    rows = []
+    for role in _ordered_roles(layers):
+        of_role = [layer["bits"] for layer in layers if layer.get("role") == role]
+        rows.append((role, *(of_role.count(w) for w in widths)))
+    lines += ["", *_table(("Role", *(f"{w}-bit layers" for w in widths)), rows)]
+    return lines
+
+
 def _block_error_line(block_errors: list[float]) -> list[str]:
     if not block_errors or not all(_is_number(e) for e in block_errors):
         return []
@@ -565,6 +634,8 @@ def _draw_plots(report: dict, plots_dir: Path) -> dict[str, Path]:
         plots["perplexity"] = plot_perplexity(report, plots_dir / PLOT_FILES["perplexity"])
     if _layers(report) or _get(report, "quantization", "block_output_rel_error"):
         plots["layer_errors"] = plot_layer_errors(report, plots_dir / PLOT_FILES["layer_errors"])
+    if _mixed_layers(report):
+        plots["layer_bits"] = plot_layer_bits(report, plots_dir / PLOT_FILES["layer_bits"])
     latency = plot_latency(report, plots_dir / PLOT_FILES["latency"])
     if latency is not None:
         plots["latency"] = latency

@@ -55,6 +55,7 @@ from exporters.onnx_qdq import (
     export_decoder_with_past,
     narrow_activation_qdq,
     onnx_bytes,
+    raise_opset_for_int2,
     replace_weights_with_qdq,
     share_tied_table,
 )
@@ -381,7 +382,7 @@ class BlockTraceWriter:
         if self.fmt == "ort":
             converted = convert_to_matmulnbits(graph_model, scale_dtype=self.float_type)
             if converted != replaced:
-                raise EdgeqError(f"only {converted} of {replaced} int4 weights could become MatMulNBits")
+                raise EdgeqError(f"only {converted} of {replaced} integer weights could become MatMulNBits")
         self.replaced += replaced
 
     def add_block(self, index: int, block: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> None:
@@ -482,6 +483,7 @@ class BlockTraceWriter:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         graph_model = helper.make_model(stitched, opset_imports=opsets, producer_name="edgeq")
         graph_model.ir_version = outer_model.ir_version
+        raise_opset_for_int2(graph_model)
         path = self.out_dir / MODEL_FILE
         onnx.save_model(graph_model, str(path))
         onnx.checker.check_model(str(path), full_check=True)

@@ -22,15 +22,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import EdgeqError
-from edgeq.packing import pack_int4
+from edgeq.packing import pack_bits
 from edgeq.quant.grid import QuantizedWeight
 
 # Protobuf cannot serialize a single file over 2 GiB; above this the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MODEL_FILE = "model.onnx"
 DEFAULT_OPSET = 21  # int4 blocked DequantizeLinear
-# (signed, unsigned) ONNX type of the weight codes by container width: 2-4 bits in int4, 8 in int8
-CONTAINERS = {4: (TensorProto.INT4, TensorProto.UINT4), 8: (TensorProto.INT8, TensorProto.UINT8)}
+# (signed, unsigned) ONNX type of the weight codes by container width (see ``container_bits``)
+CONTAINERS = {
+    2: (TensorProto.INT2, TensorProto.UINT2),
+    4: (TensorProto.INT4, TensorProto.UINT4),
+    8: (TensorProto.INT8, TensorProto.UINT8),
+}
+INT2_OPSET = 25  # the first opset whose DequantizeLinear reads INT2/UINT2
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
 
@@ -72,6 +77,26 @@ def _digest(array: np.ndarray, float_type=np.float32) -> str:
     return hashlib.sha256(stored.astype(np.float32).tobytes()).hexdigest()
 
 
+def container_bits(bits: int, table: bool = False) -> int:
+    """The width of the ONNX integer type that stores ``bits``-wide codes: 2 bits in INT2/UINT2
+    (opset 25), 3 and 4 in INT4/UINT4, 8 in INT8/UINT8. A Gather ``table`` keeps 2-bit codes in
+    int4, the narrowest ORT's GatherBlockQuantized reads."""
+    if bits == 2 and not table:
+        return 2
+    return 4 if bits <= 4 else 8
+
+
+def raise_opset_for_int2(model: onnx.ModelProto) -> None:
+    """Set the default domain's opset to at least INT2_OPSET when an initializer is INT2/UINT2."""
+    narrow = {TensorProto.INT2, TensorProto.UINT2}
+    if not any(init.data_type in narrow for init in model.graph.initializer):
+        return
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, INT2_OPSET)
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import), True))
+
+
 def dequantize_linear_initializers(
     name: str, qweight: QuantizedWeight, transposed: bool = True, float_type=np.float32
 ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
@@ -80,7 +105,8 @@ def dequantize_linear_initializers(
 
     Blocked along the input axis with ``block_size = group_size``, or per output channel when one
     group spans the whole input. Symmetric grids are stored as INT4 without a zero point, asymmetric
-    ones as UINT4 with a UINT4 zero point (INT8 / UINT8 for 8-bit grids). The scales are stored in
+    ones as UINT4 with a UINT4 zero point (INT2 / UINT2 for 2-bit grids, INT8 / UINT8 for 8-bit ones;
+    see ``container_bits``). The scales are stored in
     ``float_type``, which is what DequantizeLinear outputs (float16 for a float16 graph).
     """
     codes, scale, zero = qweight.codes.numpy(), qweight.scale.numpy().astype(float_type), qweight.zero.numpy()
@@ -90,7 +116,7 @@ def dequantize_linear_initializers(
     per_channel = qweight.group_size >= codes.shape[in_axis]
     if per_channel:
         scale, zero = scale.reshape(-1), zero.reshape(-1)
-    container = 8 if qweight.bits > 4 else 4
+    container = container_bits(qweight.bits, table=not transposed)
     signed, unsigned = CONTAINERS[container]
     if qweight.symmetric:
         values, dtype = codes.astype(np.int16) - 2 ** (qweight.bits - 1), signed
@@ -100,7 +126,7 @@ def dequantize_linear_initializers(
     def tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProto:
         if container == 8:
             return numpy_helper.from_array(array.astype(np.int8 if data_type == signed else np.uint8), name)
-        return helper.make_tensor(name, data_type, list(array.shape), pack_int4(array), raw=True)
+        return helper.make_tensor(name, data_type, list(array.shape), pack_bits(array, container), raw=True)
 
     q_name, s_name, z_name = f"{name}_q{container}", f"{name}_scale", f"{name}_zero_point"
     tensors = [tensor(q_name, values, dtype), numpy_helper.from_array(scale, s_name)]
@@ -348,6 +374,7 @@ def write_model(graph_model: onnx.ModelProto, out_dir: Path, replaced: int) -> O
     ``onnx.checker`` (full_check) and describe it."""
     path = out_dir / MODEL_FILE
     (out_dir / EXTERNAL_DATA_FILE).unlink(missing_ok=True)
+    raise_opset_for_int2(graph_model)
     external = save_onnx(graph_model, path)
     onnx.checker.check_model(str(path), full_check=True)
     total = onnx_bytes(out_dir)

@@ -230,8 +230,13 @@ def _dequantized(g: _Graph, name: str, qweight: QuantizedWeight, transposed: boo
 
 
 def _linear(g: _Graph, x: str, name: str, modules: list[torch.nn.Linear], qweights: list) -> str:
-    """One matmul for linears sharing the input x, their outputs concatenated (q/k/v), plus bias."""
-    if all(q is not None for q in qweights):
+    """One matmul for linears sharing the input x, their outputs concatenated (q/k/v), plus bias.
+    Linears on different grids (mixed precision) get one matmul each, their outputs concatenated."""
+    if all(q is not None for q in qweights) and len({q.grid for q in qweights}) > 1:
+        parts = [g.op("MatMul", [x, _dequantized(g, f"{name}.{i}.weight", q)])
+                 for i, q in enumerate(qweights)]  # fmt: skip
+        out = g.op("Concat", parts, axis=-1)
+    elif all(q is not None for q in qweights):
         out = g.op("MatMul", [x, _dequantized(g, f"{name}.weight", concat_rows(qweights))])
     else:  # float weights (an unquantized model, or roles left in float)
         out = _float_matmul(g, x, name, torch.cat([m.weight for m in modules]))

@@ -1,9 +1,10 @@
-"""ONNX Runtime's native int4 / int8 weight format: MatMulNBits (the ``ort`` format).
+"""ONNX Runtime's native int2 / int4 / int8 weight format: MatMulNBits (the ``ort`` format).
 
-Every int4 (or int8) ``DequantizeLinear → MatMul`` of an edgeq QDQ graph becomes one
+Every int2, int4 (or int8) ``DequantizeLinear → MatMul`` of an edgeq QDQ graph becomes one
 ``com.microsoft::MatMulNBits`` with the same integers: codes [N, blocks, block_size · bits / 8]
-(4-bit: uint4 packed low nibble first), scales [N · blocks], zero points [N · ceil(blocks / 2)]
-(4-bit, packed) or [N · blocks] (8-bit) when the grid is asymmetric (a symmetric grid uses the
+(2- and 4-bit: packed, first element in the lowest bits), scales [N · blocks], zero points
+[N · ceil(blocks · bits / 8)] (2- and 4-bit, packed) or [N · blocks] (8-bit) when the grid is
+asymmetric (a symmetric grid uses the
 kernel's implicit zero point 2^(bits-1)). Per-channel grids repeat the channel's scale over blocks
 of PER_CHANNEL_BLOCK. Activation Q/DQ pairs in front stay.
 A quantized embedding, ``DequantizeLinear → Gather``, becomes ``com.microsoft::GatherBlockQuantized``
@@ -19,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import EdgeqError
-from edgeq.packing import pack_int4, unpack_int4
+from edgeq.packing import pack_bits, pack_int4, unpack_bits
 from exporters.onnx_qdq import OnnxExportInfo, write_model
 
 PER_CHANNEL_BLOCK = 128
@@ -27,23 +28,27 @@ MS_DOMAIN = "com.microsoft"
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel: ORT's fast CPU path
 
 
-INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
-WEIGHT_TYPES = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8}
-SIGNED_TYPES = (TensorProto.INT4, TensorProto.INT8)
+PACKED_TYPES = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4}
+WEIGHT_TYPES = PACKED_TYPES | {TensorProto.INT8: 8, TensorProto.UINT8: 8}
+SIGNED_TYPES = (TensorProto.INT2, TensorProto.INT4, TensorProto.INT8)
 
 
 def _int_array(init: onnx.TensorProto) -> np.ndarray:
-    """The integer values of an int4/uint4 (packed) or int8/uint8 initializer."""
-    if init.data_type not in INT4_TYPES:
+    """The integer values of an int2/uint2 or int4/uint4 (packed) or int8/uint8 initializer."""
+    if init.data_type not in PACKED_TYPES:
         return numpy_helper.to_array(init)
-    signed = init.data_type == TensorProto.INT4
+    signed = init.data_type in SIGNED_TYPES
     count = math.prod(init.dims)
-    return unpack_int4(init.raw_data, count, signed).reshape(tuple(init.dims))
+    bits = PACKED_TYPES[init.data_type]
+    return unpack_bits(init.raw_data, count, bits, signed).reshape(tuple(init.dims))
 
 
-def _nibbles(values: np.ndarray) -> np.ndarray:
-    """Pack uint8 0..15 along the last axis (even length) into bytes, low nibble first."""
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+def _pack_last_axis(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint8 0..2^bits − 1 along the last axis into bytes, first element in the lowest bits.
+    The last axis is a multiple of 8 / bits long, so no byte spans two rows and the row-major
+    ``pack_bits`` packs each row on its own."""
+    packed = np.frombuffer(pack_bits(values, bits), np.uint8)
+    return packed.reshape(*values.shape[:-1], values.shape[-1] * bits // 8)
 
 
 def matmulnbits_inputs(
@@ -53,7 +58,8 @@ def matmulnbits_inputs(
 
     codes: uint8 [K, N] (0..2^bits − 1); scale: [blocks, N]; zero: uint8 [blocks, N] or None
     (symmetric, zero point 2^(bits−1)). Returns B uint8 [N, blocks, block_size · bits / 8], scales
-    [N · blocks], zero points uint8 (4-bit: packed [N · ceil(blocks / 2)]; 8-bit: [N · blocks]) or None.
+    [N · blocks], zero points uint8 (2- and 4-bit: packed [N · ceil(blocks · bits / 8)]; 8-bit:
+    [N · blocks]) or None.
     """
     k, n = codes.shape
     blocks = scale.shape[0]
@@ -66,19 +72,20 @@ def matmulnbits_inputs(
     if bits == 8:
         zp = None if zero is None else np.ascontiguousarray(zero.T).reshape(-1)
         return np.ascontiguousarray(b), scales, zp
-    b = _nibbles(b)
+    b = _pack_last_axis(b, bits)
     if zero is None:
         return b, scales, None
-    zp = zero.T  # [N, blocks]
-    if blocks % 2:
-        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-    return b, scales, _nibbles(zp).reshape(-1)
+    zp = zero.T  # [N, blocks], each row's packed into whole bytes
+    per_byte = 8 // bits
+    if blocks % per_byte:
+        zp = np.concatenate([zp, np.zeros((n, per_byte - blocks % per_byte), np.uint8)], axis=1)
+    return b, scales, _pack_last_axis(zp, bits).reshape(-1)
 
 
 def _int_grid(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], in_axis: int):
     """(codes uint8 as stored, scale [blocks, outputs], zero uint8 [blocks, outputs] or None for a
     symmetric grid (the kernels' implicit zero point 2^(bits−1)), block_size, bits) of a weight
-    DequantizeLinear (int4 or int8 codes from an initializer) whose input (reduction) axis is
+    DequantizeLinear (int2, int4 or int8 codes from an initializer) whose input (reduction) axis is
     ``in_axis``; None for anything else. A per-channel grid repeats each channel's scale over blocks
     of PER_CHANNEL_BLOCK."""
     if dq.input[0] not in inits or inits[dq.input[0]].data_type not in WEIGHT_TYPES:
@@ -169,9 +176,9 @@ def _matmulnbits(
 def convert_to_matmulnbits(
     model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, scale_dtype=np.float32
 ) -> int:
-    """Replace every int4/int8 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits (and an int4
-    embedding's DequantizeLinear → Gather by GatherBlockQuantized), in place. Returns how many;
-    MatMulNBits scales stored as ``scale_dtype`` (float32 or float16)."""
+    """Replace every int2/int4/int8 weight DequantizeLinear → MatMul of ``model`` by MatMulNBits (and
+    an int4 embedding's DequantizeLinear → Gather by GatherBlockQuantized), in place. Returns how
+    many; MatMulNBits scales stored as ``scale_dtype`` (float32 or float16)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -222,5 +229,5 @@ def to_matmulnbits(info: OnnxExportInfo, accuracy_level: int = DEFAULT_ACCURACY_
     model = onnx.load(str(info.path))
     replaced = convert_to_matmulnbits(model, accuracy_level)
     if replaced != info.replaced_weights:
-        raise EdgeqError(f"only {replaced} of {info.replaced_weights} int4 weights could become MatMulNBits")
+        raise EdgeqError(f"only {replaced} of {info.replaced_weights} integer weights became MatMulNBits")
     return write_model(model, info.path.parent, replaced)

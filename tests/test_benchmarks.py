@@ -33,6 +33,22 @@ def test_table_rows_and_ratios_come_from_the_results():
     assert "2.50 × GPTQ's" in table
     assert "OAC's gap to FP is 0.25 × GPTQ's; OAC's quantization time 3.00 × GPTQ's" in table
     assert "BoA-OAC" not in table  # no row, no line
+    assert "| W4 | boa | 12.00 | +2.00 | 5 | 1.00 | — |" in table  # rows from before weight bytes
+
+
+def test_aptq_rows_are_compared_with_uniform_w3_of_the_same_objective():
+    module = _weight_only()
+    grid = module.APTQ_GRID
+    rows = [
+        {"setting": grid, "method": "aespa", "perplexity": 30.0, "seconds": 1.0, "peak_rss_bytes": 2**30,
+         "weight_bytes": 1_000_000},
+        {"setting": "APTQ 3 bits", "method": "aespa", "perplexity": 25.0, "seconds": 1.0,
+         "peak_rss_bytes": 2**30, "weight_bytes": 1_020_000, "avg_bits": 3.0, "allocated_bits": 2.998},
+    ]  # fmt: skip
+    table = module.markdown({**RESULTS, "rows": rows})
+    assert "| APTQ 3 bits | aespa | 25.00 | +15.00 | 1 | 1.00 | 1.02 |" in table
+    assert "APTQ 3 bits (aespa, 2.998 allocated): perplexity 25.00 against 30.00" in table
+    assert "weight bytes +2.0% against uniform W3's" in table
 
 
 def test_readme_is_updated_only_between_the_markers(tmp_path):

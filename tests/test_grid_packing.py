@@ -12,9 +12,10 @@ import torch
 from onnx import TensorProto, helper
 
 from edgeq.config import PER_CHANNEL, WeightQuantConfig
-from edgeq.packing import pack_int4, unpack_int4
+from edgeq.packing import pack_bits, pack_int4, unpack_bits, unpack_int4
 from edgeq.quant.grid import expand_groups, rtn_quantize
-from exporters.onnx_qdq import dequantize_linear_initializers
+from exporters.onnx_qdq import container_bits, dequantize_linear_initializers, raise_opset_for_int2
+from exporters.ort_matmulnbits import convert_to_matmulnbits
 
 # ---------------------------------------------------------------- int4 packing
 
@@ -264,3 +265,65 @@ def test_onnx_dq_reference_evaluator(onnx_case):
     expected = qweight.dequantize().numpy().T
     assert out.shape == (72, 40)
     assert np.array_equal(np.asarray(out, dtype=np.float32), expected)
+
+
+# ---------------------------------------------------------------- 2- and 8-bit weights (mixed precision)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 1001])
+def test_pack_unpack_2_bit_round_trip(count: int, signed: bool):
+    rng = np.random.default_rng(count)
+    values = rng.integers(-2, 2, size=count).astype(np.int8) if signed else rng.integers(0, 4, size=count)
+    data = pack_bits(values.astype(np.int8 if signed else np.uint8), 2)
+    assert len(data) == math.ceil(count / 4)
+    np.testing.assert_array_equal(unpack_bits(data, count, 2, signed), values)
+    assert pack_bits(np.array([1, 2, 3, 0], np.uint8), 2) == bytes([0b00111001])  # first in the lowest bits
+
+
+def _dq_matmul_model(qweight) -> onnx.ModelProto:
+    """x [1, in] @ DequantizeLinear(W)ᵀ, at the opset the codes' container needs."""
+    in_features, out_features = qweight.shape[1], qweight.shape[0]
+    tensors, node = dequantize_linear_initializers("W", qweight)
+    graph = helper.make_graph(
+        [node, helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "dq_matmul",
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_features])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_features])],
+        initializer=tensors,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    raise_opset_for_int2(model)
+    return model
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [PER_CHANNEL, 16, 32])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_every_width_dequantizes_exactly_in_both_formats(bits, symmetric, group_size):
+    """The qdq graph's DequantizeLinear (INT2/UINT2 at opset 25 for 2 bits) and the ort format's
+    MatMulNBits give exactly what the PyTorch grid gives, in onnx.reference and ONNX Runtime."""
+    from onnx.reference import ReferenceEvaluator
+
+    ort = pytest.importorskip("onnxruntime")
+    qweight = _quantize(_weight(24, 72, seed=bits), bits, symmetric, group_size)
+    model = _dq_matmul_model(qweight)
+    codes = {t.name: t.data_type for t in model.graph.initializer}["W_q" + str(container_bits(bits))]
+    narrow = {2: (TensorProto.INT2, TensorProto.UINT2), 3: (TensorProto.INT4, TensorProto.UINT4),
+              8: (TensorProto.INT8, TensorProto.UINT8)}[bits]  # fmt: skip
+    assert codes == narrow[0 if symmetric else 1]
+    assert model.opset_import[0].version == (25 if bits == 2 else 21)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 72)).astype(np.float32)
+    expected = x @ qweight.dequantize().numpy().T
+    (reference,) = ReferenceEvaluator(model).run(None, {"x": x})
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # float inputs
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+    assert convert_to_matmulnbits(model, accuracy_level=0) == 1
+    (fused,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in fused.attribute}["bits"] == (4 if bits == 3 else bits)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)

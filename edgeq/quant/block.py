@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from edgeq.activations import float_activations
+from edgeq.config import QuantConfig, WeightQuantConfig
 from edgeq.models.adapters import Adapter
 from edgeq.quant.boa import apply_rope
 
@@ -66,6 +67,10 @@ class BlockContext:
     @property
     def linears(self) -> dict[str, nn.Linear]:
         return self.adapter.linears(self.block)
+
+    def grid(self, config: QuantConfig, role: str) -> WeightQuantConfig:
+        """The weight grid of this block's ``role`` linear (its own width under mixed precision)."""
+        return config.weights_for(self.adapter.linear_name(self.index, role))
 
     def batch_kwargs(self, batch: int) -> dict:
         """The block's keyword arguments for ``batch``, on the device."""

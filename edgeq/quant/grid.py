@@ -37,6 +37,19 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    @property
+    def grid(self) -> tuple[int, int, bool]:
+        """(bits, group_size, symmetric): weights on the same grid can share one integer tensor."""
+        return self.bits, self.group_size, self.symmetric
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes at the grid's own width: the codes at ``bits`` each, the float32 scales, and the
+        zero points at ``bits`` each when asymmetric (what a mixed-precision budget is about; the
+        ONNX containers round 3 bits up to 4)."""
+        bits = self.codes.numel() * self.bits + (0 if self.symmetric else self.zero.numel() * self.bits)
+        return math.ceil(bits / 8) + 4 * self.scale.numel()
+
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """The output rows start:stop."""
         return QuantizedWeight(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
@@ -53,8 +66,7 @@ class QuantizedWeight:
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack the rows (outputs) of weights on the same grid: [out_i, in] → [Σ out_i, in]."""
     first = parts[0]
-    grid = (first.bits, first.group_size, first.symmetric)
-    if any((p.bits, p.group_size, p.symmetric) != grid for p in parts):
+    if any(p.grid != first.grid for p in parts):
         raise ValueError("concat_rows needs weights on the same grid (bits, group size, symmetry)")
     return QuantizedWeight(
         torch.cat([p.codes for p in parts]),

@@ -7,7 +7,8 @@ RTN needs no data. GPTQ collects each linear's input Hessian. BoA also collects 
 statistics of its Q/K/V Hessians (see ``edgeq.quant.boa``) and, with ``alpha > 0``, corrects each
 weight for the error of the blocks quantized before it. OAC and BoA-OAC use output-adaptive
 Hessians (``edgeq.quant.oac``), collected by backward passes before the blocks are quantized
-(``needs_output_hessians``) and handed to each block in ``ctx.output_hessians``.
+(``needs_output_hessians``) and handed to each block in ``ctx.output_hessians``. aespa learns the
+rounding of W_Q, W_K, W_V on BoA's loss (``edgeq.quant.aespa``) and uses OAC on the rest.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import dataclasses
 
 import torch
 
-from edgeq.config import QuantConfig
+from edgeq.config import BoAOptions, QuantConfig, WeightQuantConfig
 from edgeq.errors import EdgeqError
+from edgeq.quant.aespa import learned_rounding
 from edgeq.quant.block import BlockContext, attention_inputs
 from edgeq.quant.boa import AttentionStatistics, kronecker_quantize, value_row_hessians
 from edgeq.quant.gptq import dampen, gptq_quantize
@@ -35,8 +37,8 @@ class RTN:
         self.config = config
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        weights = self.config.weights
-        return {role: rtn_quantize(layer.weight.data, weights) for role, layer in ctx.linears.items()}
+        return {role: rtn_quantize(linear.weight.data, ctx.grid(self.config, role))
+                for role, linear in ctx.linears.items()}  # fmt: skip
 
 
 class LinearInputs:
@@ -114,11 +116,10 @@ class GPTQ:
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         hessians = collect_input_hessians(ctx, tuple(ctx.linears))
-        weights, options = self.config.weights, self.config.gptq
-        return {
-            role: gptq_quantize(layer.weight.data, hessians[role].hessian, weights, options)
-            for role, layer in ctx.linears.items()
-        }
+        config = self.config
+        return {role: gptq_quantize(linear.weight.data, hessians[role].hessian, ctx.grid(config, role),
+                                    config.gptq)
+                for role, linear in ctx.linears.items()}  # fmt: skip
 
 
 OTHER_ROLES = ("o", "gate", "up", "down")  # the linears BoA leaves to GPTQ
@@ -156,20 +157,23 @@ class BoA:
 
     @torch.no_grad()
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        options, weights, gptq = self.config.boa, self.config.weights, self.config.gptq
+        config, options = self.config, self.config.boa
         shape = ctx.adapter.attention_shape(ctx.model_config)
         linears = ctx.linears
         stats, acc = collect_attention_statistics(ctx, options.relaxed_v)
 
         def target(role: str, acc_role: str) -> torch.Tensor:
-            return corrected_weight(linears[role].weight.data, acc[acc_role], options.alpha, gptq.percdamp)
+            w = linears[role].weight.data
+            return corrected_weight(w, acc[acc_role], options.alpha, config.gptq.percdamp)
 
         h_x = acc["q"].hessian
         h_row_q, h_row_k = stats.row_hessians()
         out = {
-            "q": kronecker_quantize(target("q", "q"), h_row_q, h_x, weights, options, gptq),
-            "k": kronecker_quantize(target("k", "q"), h_row_k, h_x, weights, options, gptq),
-        }
+            "q": self.attention_weight(target("q", "q"), h_row_q, self.column_hessian(ctx, "q", h_x),
+                                       ctx.grid(config, "q"), options),
+            "k": self.attention_weight(target("k", "q"), h_row_k, self.column_hessian(ctx, "k", h_x),
+                                       ctx.grid(config, "k"), options),
+        }  # fmt: skip
         v_col = stats.v_col_hessians()
         if options.v_out_proj:
             h_row_v = value_row_hessians(linears["o"].weight, shape.num_kv_heads, shape.head_dim)
@@ -177,11 +181,24 @@ class BoA:
         else:  # identity row Hessians: rows are independent, so one row block per head suffices
             h_row_v = torch.eye(shape.head_dim).expand(shape.num_kv_heads, -1, -1)
             v_options = dataclasses.replace(options, row_block=shape.head_dim)
-        v_h_col = h_x if v_col is None else v_col
-        out["v"] = kronecker_quantize(target("v", "q"), h_row_v, v_h_col, weights, v_options, gptq)
+        v_h_col = self.column_hessian(ctx, "v", h_x if v_col is None else v_col)
+        out["v"] = self.attention_weight(target("v", "q"), h_row_v, v_h_col, ctx.grid(config, "v"), v_options)
         for role in OTHER_ROLES:
-            out[role] = gptq_quantize(target(role, role), self.other_hessian(ctx, role, acc), weights, gptq)
+            h = self.other_hessian(ctx, role, acc)
+            out[role] = gptq_quantize(target(role, role), h, ctx.grid(config, role), config.gptq)
         return out
+
+    def attention_weight(
+        self, w: torch.Tensor, h_row: torch.Tensor, h_col: torch.Tensor, grid: WeightQuantConfig,
+        options: BoAOptions,
+    ) -> QuantizedWeight:  # fmt: skip
+        """W_Q, W_K or W_V [heads·hd, d_in] on ``grid``, against its Kronecker-factored loss."""
+        return kronecker_quantize(w, h_row, h_col, grid, options, self.config.gptq)
+
+    def column_hessian(self, ctx: BlockContext, role: str, attention_aware: torch.Tensor) -> torch.Tensor:
+        """The column factor of W_Q, W_K or W_V's Kronecker Hessian: BoA's (2E[x xᵀ], or W_V's
+        attention-weighted one)."""
+        return attention_aware
 
     def other_hessian(self, ctx: BlockContext, role: str, acc: dict[str, HessianAccumulator]) -> torch.Tensor:
         """The Hessian GPTQ uses on o_proj and the MLP linears: their input's 2E[x xᵀ]."""
@@ -205,11 +222,10 @@ class OAC:
         self.config = config
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        weights, options = self.config.weights, self.config.gptq
-        return {
-            role: gptq_quantize(layer.weight.data, _output_hessian(ctx, role), weights, options)
-            for role, layer in ctx.linears.items()
-        }
+        config = self.config
+        return {role: gptq_quantize(linear.weight.data, _output_hessian(ctx, role), ctx.grid(config, role),
+                                    config.gptq)
+                for role, linear in ctx.linears.items()}  # fmt: skip
 
 
 class BoAOAC(BoA):
@@ -218,11 +234,36 @@ class BoAOAC(BoA):
 
     needs_output_hessians = True
 
+    def column_hessian(self, ctx: BlockContext, role: str, attention_aware: torch.Tensor) -> torch.Tensor:
+        """With ``output_adaptive_columns``, the projection's own OAC Hessian: under a Kronecker model
+        of its cross-entropy Hessian, A_row ⊗ B_col, OAC's row sum E[GᵀG] is tr(A_row) · B_col, a
+        column factor weighed by the output; the row factor stays BoA's."""
+        if self.config.boa.output_adaptive_columns:
+            return _output_hessian(ctx, role)
+        return attention_aware
+
     def other_hessian(self, ctx: BlockContext, role: str, acc: dict[str, HessianAccumulator]) -> torch.Tensor:
         return _output_hessian(ctx, role)
 
 
-METHODS = {"rtn": RTN, "gptq": GPTQ, "boa": BoA, "oac": OAC, "boa-oac": BoAOAC}
+class Aespa(BoAOAC):
+    """aespa: W_Q, W_K, W_V with learned rounding on their attention-wise Kronecker loss
+    (``edgeq.quant.aespa``); OAC's output-adaptive Hessians on o_proj and the MLP."""
+
+    def attention_weight(
+        self, w: torch.Tensor, h_row: torch.Tensor, h_col: torch.Tensor, grid: WeightQuantConfig,
+        options: BoAOptions,
+    ) -> QuantizedWeight:  # fmt: skip
+        config = self.config
+        return learned_rounding(w, h_row, h_col, grid, config.aespa, config.gptq)
+
+
+METHODS = {"rtn": RTN, "gptq": GPTQ, "boa": BoA, "oac": OAC, "boa-oac": BoAOAC, "aespa": Aespa}
+
+
+def needs_output_hessians(config: QuantConfig) -> bool:
+    """OAC's Hessians are needed by the method, or by the mixed-precision allocation."""
+    return method_class(config.method).needs_output_hessians or config.mixed.enabled
 
 
 def method_class(name: str):
