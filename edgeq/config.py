@@ -76,7 +76,8 @@ class BoAOptions:
     needs a second, unquantized stream of block inputs).
     output_adaptive_columns: with OAC's Hessians (boa-oac, aespa), the column factor of W_Q, W_K and
     W_V is each projection's output-adaptive Hessian instead of 2E[x xᵀ] (W_V's attention-weighted
-    one); the row factors stay attention-aware.
+    one); the row factors stay attention-aware. Off by default: on SmolLM2 at W3 per channel it
+    moved boa-oac from 62.48 to 64.08.
     """
 
     row_block: int = 16
