@@ -57,7 +57,7 @@ from edgeq.pipeline import (
     run_blocks,
 )
 from edgeq.quant import method_class
-from edgeq.quant.aptq import average_bits, with_widths
+from edgeq.quant.aptq import average_bits, linear_sizes, with_widths
 from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
@@ -244,7 +244,7 @@ def run_export(
     with _timed(timings, "load_s"):
         checkpoint = open_checkpoint(weights_folder(source))
         model = empty_model(load_config(source))
-        linear_sizes = {name: m.weight.numel() for name, m in adapter.named_linears(model).items()}
+        sizes = linear_sizes(model, adapter)
         load_outer(model, adapter, checkpoint)
         stored = storage_dtype(checkpoint.floating_dtype())
     report: dict[str, Any] = {
@@ -398,7 +398,7 @@ def run_export(
         }
         if quant.mixed.enabled:
             report["quantization"]["mixed_precision"] = {
-                "average_bits": average_bits(quant.mixed.widths, linear_sizes),
+                "average_bits": average_bits(quant.mixed.widths, sizes),
                 "widths_histogram": dict(sorted(Counter(quant.mixed.widths.values()).items())),
             }
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

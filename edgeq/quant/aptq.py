@@ -100,8 +100,12 @@ def aptq_widths(
     (by the same names)."""
     linears = adapter.named_linears(model)
     losses = {n: predicted_losses(m.weight, output_hessians[n], config, choices) for n, m in linears.items()}
-    sizes = {n: m.weight.numel() for n, m in linears.items()}
-    return allocate_widths(losses, sizes, avg_bits)
+    return allocate_widths(losses, linear_sizes(model, adapter), avg_bits)
+
+
+def linear_sizes(model: nn.Module, adapter) -> dict[str, int]:
+    """Parameters of every decoder-block linear's weight, by module name (meta tensors count too)."""
+    return {name: m.weight.numel() for name, m in adapter.named_linears(model).items()}
 
 
 def with_widths(
@@ -120,4 +124,11 @@ def average_bits(widths: dict[str, int], sizes: dict[str, int]) -> float:
     return sum(sizes[n] * b for n, b in widths.items()) / sum(sizes[n] for n in widths)
 
 
-__all__ = ["allocate_widths", "aptq_widths", "average_bits", "predicted_losses", "with_widths"]
+__all__ = [
+    "allocate_widths",
+    "aptq_widths",
+    "average_bits",
+    "linear_sizes",
+    "predicted_losses",
+    "with_widths",
+]
