@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -227,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="artifact folder (default: out/<model>-<scheme>-<method>)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted export into --out from its last finished block (same options)",
+    )
+    export.add_argument(
         "--no-validate", action="store_true", help="skip the validation gates at the end (not recommended)"
     )
     _add_validation_options(export)
@@ -341,7 +348,21 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is, so it unwinds as Ctrl-C's KeyboardInterrupt does."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted export: the same one, with --resume."""
+    return shlex.join(["edgeq", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     progress = not args.no_progress
@@ -351,7 +372,14 @@ def main(argv: list[str] | None = None) -> int:
 
             config = export_config_from_args(args)
             out = args.out or default_out(config)
-            report = run_export(config, out, overwrite=args.overwrite, progress=progress)
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            try:
+                report = run_export(config, out, args.overwrite, progress, args.resume)
+            except (KeyboardInterrupt, Terminated) as stop:
+                print(f"edgeq: interrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+                return 143 if isinstance(stop, Terminated) else 130
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             ppl = report["perplexity"]
             print(f"wrote {out}")
             rotated = f"  rotated {ppl['rotated_torch']:.3f}" if "rotated_torch" in ppl else ""
@@ -388,8 +416,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.junit.write_text(junit_xml(result))
             return 0 if result.passed else 1
         elif args.command == "verify":
-            from edgeq.manifest import verify_bundle
+            from edgeq.manifest import layout_problems, verify_bundle
 
+            if not args.folder.is_dir():
+                raise EdgeqError(f"artifact folder not found: {args.folder}")
+            layout = layout_problems(args.folder)
+            if layout:  # bad input, not a failed check: the folder is not the one exported
+                raise EdgeqError(f"{args.folder} differs from its manifest.json: {'; '.join(layout)}")
             problems = verify_bundle(args.folder)
             for problem in problems:
                 print(f"edgeq: {problem}", file=sys.stderr)

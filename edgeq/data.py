@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from edgeq.config import CalibrationConfig, EvalConfig
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, first_line
 from edgeq.models.adapters import Adapter
 
 C4_SAMPLE = "c4-sample/c4_validation_docs0-999.parquet"
@@ -130,6 +130,8 @@ def read_documents(path: str | Path) -> list[str]:
             docs = [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError:
         raise EdgeqError(f"calibration file {path} is not UTF-8 text") from None
+    if any("\x00" in d for d in docs):  # valid UTF-8 but no text: zero-filled or binary data
+        raise EdgeqError(f"calibration file {path} is binary (it holds NUL bytes), not text")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise EdgeqError(f"calibration file {path} holds no text")
@@ -143,7 +145,7 @@ def _parquet_texts(path: Path) -> list[str]:
     try:
         table = pq.read_table(path)
     except pyarrow.ArrowException as err:
-        raise EdgeqError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+        raise EdgeqError(f"{path} is not a readable parquet file ({first_line(err)})") from None
     if "text" not in table.column_names:
         raise EdgeqError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
     return [t for t in table.column("text").to_pylist() if t]

@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import platform
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 import edgeq
-from edgeq.artifact import atomic_folder, check_destination
+from edgeq.artifact import RESUME_DIR, atomic_folder, check_destination, partial_folders
 from edgeq.config import ExportConfig, QuantConfig
 from edgeq.data import bos_convention, eval_windows, prepare_text_data, wikitext2_test_string
 from edgeq.errors import EdgeqError
@@ -40,6 +41,7 @@ from edgeq.models.lazy import (
 )
 from edgeq.models.loading import (
     ModelSource,
+    check_vocabulary,
     load_config,
     load_model,
     load_tokenizer,
@@ -61,6 +63,7 @@ from edgeq.quant.aptq import average_bits, linear_sizes, with_widths
 from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
+from edgeq.resume import Journal, fingerprint
 from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head, rotate_model
 from edgeq.scoring import agreement_with, score_stream
 from edgeq.validate import (
@@ -80,6 +83,7 @@ log = logging.getLogger("edgeq")
 
 CONFIG_FILE = "edgeq_config.json"
 REPORT_FILE = "report.json"
+ALLOCATED_WIDTHS = "widths"  # the journal's record of APTQ's widths (empty without --avg-bits)
 ONNX_PROVIDER = "CPUExecutionProvider"
 FORMATS = ("qdq", "ort")
 # ORT perplexity must match the PyTorch fake-quant perplexity within this relative difference.
@@ -195,29 +199,55 @@ class CheckpointBlocks:
 
 
 def output_hessian_store(
-    source, adapter, quant: QuantConfig, calibration: torch.Tensor, folder: Path, progress: bool
+    source, adapter, quant: QuantConfig, calibration: torch.Tensor, journal: Journal, progress: bool
 ) -> tuple[Callable[[int], dict[str, torch.Tensor]], QuantConfig]:
-    """OAC's output-adaptive Hessians of every block linear, saved per block in ``folder``: the
-    reader of block i's, and ``quant`` with its mixed-precision widths allocated from them (APTQ).
-    The backward passes hold the float32 model (rotated as the scheme's plan rotates it) once,
-    before the streamed pass."""
+    """OAC's output-adaptive Hessians of every block linear, saved per block in the journal's
+    folder: the reader of block i's, and ``quant`` with its mixed-precision widths allocated from
+    them (APTQ). The backward passes hold the float32 model (rotated as the scheme's plan rotates it)
+    once, before the streamed pass; a resumed run reads what the interrupted one saved."""
+    saved = journal.load_json(ALLOCATED_WIDTHS)
+    if saved is not None:
+        mixed = dataclasses.replace(quant.mixed, widths=saved["widths"])
+        return OutputHessianStore(journal.oac_folder, adapter).block, dataclasses.replace(quant, mixed=mixed)
     model = load_model(source)
     if quant.rotation.enabled:
         rotate_model(model, adapter, quant.rotation, quant.activations.kv_bits < 16)
     hessians = collect_output_hessians(model, adapter, calibration, progress=progress)
     quant = with_widths(quant, model, adapter, hessians)
-    store = OutputHessianStore(folder, adapter)
+    store = OutputHessianStore(journal.oac_folder, adapter)
     store.save(hessians, len(adapter.blocks(model)))
+    # last: the Hessians are complete once this exists
+    journal.save_json(ALLOCATED_WIDTHS, {"widths": quant.mixed.widths})
     del model, hessians
     gc.collect()
     trim_heap()
     return store.block, quant
 
 
+def resume_folder(out: Path, run_fingerprint: str) -> Path | None:
+    """The partial folder of an interrupted run into ``out`` with this run's fingerprint; None when
+    there is none; a one-line error when the only ones were made by another config or model."""
+    found = partial_folders(out)
+    for folder in found:
+        if Journal.fingerprint_of(folder) == run_fingerprint:
+            for child in folder.iterdir():  # what the writer wrote is written again, the same
+                if child.name != RESUME_DIR:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            return folder
+    if found:
+        raise EdgeqError(
+            f"--resume: the interrupted export in {found[0]} was run with another config, model or "
+            "edgeq version; delete that folder or run without --resume"
+        )
+    log.info("--resume: no interrupted export of %s found; starting from the first block", out)
+    return None
+
+
 def run_export(
-    config: ExportConfig, out: Path, overwrite: bool = False, progress: bool = True
+    config: ExportConfig, out: Path, overwrite: bool = False, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
-    """Run the whole export into ``out`` (written atomically) and return the report.
+    """Run the whole export into ``out`` (written atomically) and return the report. Each finished
+    block is recorded for ``resume`` (``edgeq.resume``), which continues an interrupted run.
 
     One pass over the decoder blocks does everything that needs the model: each block is read from
     the checkpoint onto the device, takes the FP evaluation windows one block further, is rotated
@@ -231,11 +261,19 @@ def run_export(
     fix_mmap_threshold()  # one block's tensors at a time must not leave the heap fragmented
     timings: dict[str, Any] = {}
     source = resolve_model(config.model)
-    adapter = adapter_for_config(load_config(source))
+    model_config = load_config(source)
+    adapter = adapter_for_config(model_config)
+    # the run's identity, which --resume must match: hashed before any other work
+    weights = weight_files(source)
+    with _timed(timings, "hash_weights_s"):
+        weights_hash = weights_sha256(weights) if weights else None
+    run_fingerprint = fingerprint(config.to_dict(), weights_hash, edgeq.__version__)
+    reuse = resume_folder(out, run_fingerprint) if resume else None
 
     # Tokenize before loading the weights: short or empty text fails in seconds, not minutes.
     with _timed(timings, "data_s"):
         tokenizer = load_tokenizer(source)
+        check_vocabulary(tokenizer, model_config, config.model)
         data = prepare_text_data(tokenizer, config.calibration, config.evaluation, adapter)
     windows = data.evaluation
     log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
@@ -243,7 +281,7 @@ def run_export(
     log.info("loading %s (block by block, on %s)", config.model, device)
     with _timed(timings, "load_s"):
         checkpoint = open_checkpoint(weights_folder(source))
-        model = empty_model(load_config(source))
+        model = empty_model(model_config)
         sizes = linear_sizes(model, adapter)
         load_outer(model, adapter, checkpoint)
         stored = storage_dtype(checkpoint.floating_dtype())
@@ -286,15 +324,16 @@ def run_export(
     )
     graph_dtype = GRAPH_TORCH_DTYPES[config.dtype]
     ppl: dict[str, Any] = {}
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, reuse) as tmp:
+        journal = Journal(tmp, run_fingerprint)
+        if journal.finished:
+            log.info("resuming %s after block %d of %d", tmp, journal.finished, len(adapter.blocks(model)))
         tokenizer.save_pretrained(tmp)
-        hessians, oac_folder = None, None
+        hessians = None
         if needs_output_hessians(quant):
-            oac_folder = tempfile.TemporaryDirectory(prefix="edgeq-oac-")
             with _timed(timings, "output_hessians_s"):
-                folder = Path(oac_folder.name)
                 hessians, quant = output_hessian_store(
-                    source, adapter, quant, data.calibration, folder, progress
+                    source, adapter, quant, data.calibration, journal, progress
                 )
             config = dataclasses.replace(config, quant=quant)  # with the allocated widths
             report["config"] = config.to_dict()
@@ -319,13 +358,12 @@ def run_export(
             evals = EvalStreams(fp=fp_eval, rotated=rotated, quant=quant_eval, quant_dtype=graph_dtype)
             streamed = run_blocks(model, adapter, blocks, quant, calibration, device=device,
                                   storage_dtype=stored, plan=plan, evals=evals, on_block=writer.add_block,
-                                  keep_weights=False, output_hessians=hessians,
+                                  keep_weights=False, output_hessians=hessians, journal=journal,
                                   progress=progress)  # fmt: skip
-            if oac_folder is not None:
-                oac_folder.cleanup()
             result.weights |= streamed.weights
             result.layers, result.block_seconds = streamed.layers, streamed.block_seconds
             result.block_output_rel_error = streamed.block_output_rel_error
+            result.fallbacks = streamed.fallbacks
         timings["blocks_s"] = result.block_seconds
 
         with _timed(timings, "eval_fp_torch_s"):
@@ -394,6 +432,7 @@ def run_export(
             "quantization": {
                 "layers": [dataclasses.asdict(s) for s in result.layers],
                 "block_output_rel_error": result.block_output_rel_error,
+                "fallbacks": result.fallbacks,
             },
         }
         if quant.mixed.enabled:
@@ -411,7 +450,8 @@ def run_export(
             report["validation"] = validation.to_dict()
             log.info("validation:\n%s", format_table(validation))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        write_handoff_files(tmp, report, source, data.calibration)
+        journal.close()  # before the manifest hashes the folder: the records are not shipped
+        write_handoff_files(tmp, report, source, data.calibration, weights_hash)
     check = report["onnx_parity"]
     if not check["passed"]:
         log.warning("ONNX differs from PyTorch: perplexity by %.2f%% (tolerance %.1f%%), top-1 agreement "
@@ -438,9 +478,11 @@ def fp32_onnx_speed(model, config: ExportConfig) -> dict[str, Any]:
     }
 
 
-def write_handoff_files(folder: Path, report: dict[str, Any], source, calibration_ids) -> None:
+def write_handoff_files(
+    folder: Path, report: dict[str, Any], source, calibration_ids, weights_hash: str | None
+) -> None:
     """What the receiving team reads: report.md with plots, MODEL_CARD.md, and manifest.json (last:
-    it hashes every other file)."""
+    it hashes every other file). weights_hash: ``weights_sha256`` of the source's weight files."""
     write_report_md(report, folder)
     write_model_card(folder, report)
     weights = weight_files(source)
@@ -449,13 +491,15 @@ def write_handoff_files(folder: Path, report: dict[str, Any], source, calibratio
         source={
             "spec": report["model"]["spec"],
             "model_type": report["model"]["model_type"],
-            "weights_sha256": weights_sha256(weights) if weights else None,
+            "weights_sha256": weights_hash,
             "weight_files": [p.name for p in weights],
         },
         calibration_hash=calibration_sha256(calibration_ids),
-        metrics={key: report[key] for key in ("perplexity", "onnx_parity", "sizes_bytes") if key in report}
-        | ({"validation": report["validation"]} if "validation" in report else {}),
+        metrics={key: report[key] for key in ("perplexity", "onnx_parity", "sizes_bytes") if key in report},
         config=report["config"],
+        # the validation holds latency measurements, so it changes from run to run
+        run={"timings_s": report["timings_s"]}
+        | ({"validation": report["validation"]} if "validation" in report else {}),
     )
 
 

@@ -117,16 +117,38 @@ def _version(package: str) -> str | None:
         return None
 
 
+# Files that carry the run's timestamps and timings (the report's wall times, the latency
+# measurements): hashed apart from the rest, so that two runs of one config share ``content_sha256``.
+RUN_FILES = ("report.json", "report.md", MODEL_CARD_FILE, "plots/latency.png")
+
+
 def _listed_files(folder: Path) -> list[str]:
     """Every file under ``folder`` as a relative posix path, except the manifest itself."""
     paths = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return sorted(p for p in paths if p != MANIFEST_FILE)
 
 
+def _hashes(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    return {rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+            for rel in names}  # fmt: skip
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content: everything but ``run`` and this hash itself, as canonical
+    JSON (sorted keys). Equal for two exports of one config, seed and source."""
+    content = {k: v for k, v in manifest.items() if k not in ("run", "content_sha256")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def build_manifest(
-    folder: Path, *, source: dict[str, Any], calibration_hash: str, metrics: dict[str, Any], config: dict
-) -> dict[str, Any]:
-    """The manifest of an artifact folder; it hashes every file, so write MODEL_CARD.md first."""
+    folder: Path, *, source: dict[str, Any], calibration_hash: str, metrics: dict[str, Any], config: dict,
+    run: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The manifest of an artifact folder; it hashes every file, so write MODEL_CARD.md first.
+
+    Its content (files, source, calibration, config, graph, versions, accuracy ``metrics``) is
+    hashed into ``content_sha256``; ``run`` keeps apart what changes from run to run: the creation
+    time, the files of ``RUN_FILES`` and the given ``run`` entries (timings, latency)."""
     folder = Path(folder)
     model_path = folder / ONNX_FILE
     if not model_path.is_file():
@@ -134,13 +156,9 @@ def build_manifest(
     model = onnx.load(str(model_path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
-    files = {}
-    for rel in _listed_files(folder):
-        path = folder / rel
-        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return {
+    listed = _listed_files(folder)
+    manifest = {
         "edgeq_version": edgeq.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source,
         "calibration_sha256": calibration_hash,
         "config": config,
@@ -149,8 +167,15 @@ def build_manifest(
         "onnx_version": onnx.__version__,
         "torch_version": _version("torch"),
         "metrics": metrics,
-        "files": files,
+        "files": _hashes(folder, (rel for rel in listed if rel not in RUN_FILES)),
     }
+    manifest["content_sha256"] = content_sha256(manifest)
+    manifest["run"] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(run or {}),
+        "files": _hashes(folder, (rel for rel in listed if rel in RUN_FILES)),
+    }
+    return manifest
 
 
 def write_manifest(folder: Path, **kwargs: Any) -> Path:
@@ -160,32 +185,49 @@ def write_manifest(folder: Path, **kwargs: Any) -> Path:
     return path
 
 
-def verify_bundle(folder: Path) -> list[str]:
-    """Re-hash every file the manifest lists; return one line per problem (missing, changed, extra,
-    or a listed path outside the folder). An empty list means the folder is exactly what was exported."""
-    folder = Path(folder)
+def _read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file the manifest lists (content and run files alike), by relative path."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise EdgeqError(f"{folder} has no {MANIFEST_FILE}: nothing to verify against")
     try:
-        listed = json.loads(path.read_text(encoding="utf-8"))["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return dict(manifest["files"]) | dict(manifest.get("run", {}).get("files", {}))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise EdgeqError(f"{path} is not a valid edgeq manifest ({e.__class__.__name__}: {e})") from e
+
+
+def layout_problems(folder: Path) -> list[str]:
+    """The files the manifest lists that are missing, and the files it does not list: one line
+    each. A folder laid out otherwise than exported is bad input for ``verify`` and ``validate``."""
+    folder = Path(folder)
+    listed = _read_manifest(folder)
     problems = []
-    for rel, expected in sorted(listed.items()):
+    for rel in sorted(listed):
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts:  # a tampered manifest must not reach outside
             problems.append(f"unsafe path: {rel} (outside the folder)")
-            continue
-        file = folder / pure
-        if not file.is_file():
+        elif not (folder / pure).is_file():
             problems.append(f"missing: {rel}")
-        # the size check first: a changed multi-GB file is caught without hashing it
-        elif file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
-            problems.append(f"changed: {rel} (size or SHA-256 differs from {MANIFEST_FILE})")
     problems += [
         f"extra: {rel} (not in {MANIFEST_FILE})" for rel in _listed_files(folder) if rel not in listed
     ]
+    return problems
+
+
+def verify_bundle(folder: Path) -> list[str]:
+    """Re-hash every file the manifest lists; return one line per problem (missing, changed, extra,
+    or a listed path outside the folder). An empty list means the folder is exactly what was exported."""
+    folder = Path(folder)
+    problems = layout_problems(folder)
+    for rel, expected in sorted(_read_manifest(folder).items()):
+        pure = PurePosixPath(rel)
+        file = folder / pure
+        if pure.is_absolute() or ".." in pure.parts or not file.is_file():
+            continue  # in layout_problems already
+        # the size check first: a changed multi-GB file is caught without hashing it
+        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+            problems.append(f"changed: {rel} (size or SHA-256 differs from {MANIFEST_FILE})")
     return problems
 
 

@@ -23,7 +23,10 @@ bfloat16 and move to the device a batch at a time; the blocks and the Hessians c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,10 +42,14 @@ from edgeq.models.adapters import LINEAR_ROLES, Adapter
 from edgeq.quant import QuantizedWeight, method_class
 from edgeq.quant.aptq import with_widths
 from edgeq.quant.block import BlockContext, block_forward, to_device
+from edgeq.quant.gptq import DampingFallback
 from edgeq.quant.grid import rtn_quantize_in_place
 from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import collect_output_hessians, resident_provider
+from edgeq.resume import BlockRecord, Journal, block_state, restore_block
 from edgeq.rotation.rotate import RotationPlan, rotate_block, untie_lm_head
+
+log = logging.getLogger("edgeq")
 
 
 @dataclass
@@ -80,6 +87,8 @@ class QuantizationResult:
     block_seconds: list[float] = field(default_factory=list)  # per block: load, calibrate, write
     seconds: float = 0.0
     widths: dict[str, int] = field(default_factory=dict)  # mixed precision: linear name → bits
+    # numerical fallbacks taken (edgeq.quant.gptq.DampingFallback), "block i: what was done"
+    fallbacks: list[str] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -159,6 +168,17 @@ def quantize_block_activations(
     attention = adapter.attention(block)
     if act.kv_bits < 16 or hasattr(attention, "edgeq_kv"):
         kv_spec(model, attention, adapter.attention_shape(model.config).head_dim).bits = act.kv_bits
+
+
+def prepare_block(
+    model: nn.Module, adapter: Adapter, block: nn.Module, plan: RotationPlan | None, act: ActQuantConfig
+) -> None:
+    """What the pass does to a block besides quantizing its weights, for a block replayed from its
+    record: its rotations (online ones included) and its activation quantizers."""
+    if plan is not None and plan.applied:
+        rotate_block(model, adapter, block, plan)
+    if act.enabled:
+        quantize_block_activations(model, adapter, block, act)
 
 
 @torch.no_grad()
@@ -266,6 +286,30 @@ def in_dtype(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             p.data = saved[name]
 
 
+def _fallbacks(caught: list[warnings.WarningMessage], index: int) -> list[str]:
+    """The DampingFallback warnings of block ``index``, logged and returned as report lines; any
+    other warning caught with them is shown as it would have been."""
+    lines = []
+    for w in caught:
+        if issubclass(w.category, DampingFallback):
+            lines.append(f"block {index}: {w.message}")
+            log.warning("block %d: %s", index, w.message)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return lines
+
+
+def _stream_states(
+    hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None, evals: EvalStreams | None
+) -> dict[str, list[torch.Tensor] | None]:
+    """The hidden states of every stream between two blocks, by ``edgeq.resume.STREAMS`` name."""
+    states = {"calibration": hidden, "calibration_fp": fp_hidden}
+    if evals is not None:
+        rotated = evals.rotated.hidden if evals.rotated is not None else None
+        states |= {"eval_fp": evals.fp.hidden, "eval_rotated": rotated, "eval_quant": evals.quant.hidden}
+    return states
+
+
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
@@ -281,6 +325,7 @@ def run_blocks(
     on_block: BlockCallback | None = None,
     keep_weights: bool = True,
     output_hessians: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    journal: Journal | None = None,
     progress: bool = True,
 ) -> QuantizationResult:
     """The block-by-block pass: each decoder block in turn is loaded onto ``device``, rotated
@@ -294,6 +339,8 @@ def run_blocks(
     will get, or after. ``keep_weights=False`` leaves the integer weights out of the result once
     ``on_block`` has them (a writer that streams them: holding them would hold the whole model).
     ``output_hessians(i)``: block i's OAC Hessians by role, for the methods that need them.
+    ``journal``: each finished block is recorded in it, and the blocks it already holds are replayed
+    from their records instead of calibrated (``edgeq.resume``).
     """
     method = method_class(config.method)(config)
     if method.needs_output_hessians and output_hessians is None:
@@ -306,6 +353,30 @@ def run_blocks(
     count = len(adapter.blocks(model))
     bar = tqdm(range(count), desc=f"quantize {config.method}", unit="block", disable=not progress)
     for index in bar:
+        if journal is not None and index < journal.finished:
+            record = journal.block(index)
+            block = blocks.load(index, device)
+            with torch.device(device):
+                prepare_block(model, adapter, block, plan, act)
+            restore_block(block, adapter.linears(block), record)
+            result.layers += [LayerStats(**layer) for layer in record.layers]
+            result.block_output_rel_error.append(record.output_rel_error)
+            result.block_seconds.append(record.seconds)
+            result.fallbacks += record.fallbacks
+            if keep_weights:
+                result.weights |= {adapter.linear_name(index, r): q for r, q in record.weights.items()}
+            if on_block is not None:
+                on_block(index, block, record.weights)
+            blocks.done(index, block)
+            if index == journal.finished - 1:  # the streams as they entered the next block
+                saved = journal.streams()
+                hidden = saved["calibration"]
+                fp_hidden = saved.get("calibration_fp") if fp_hidden is not None else None
+                if evals is not None:
+                    evals.fp.hidden, evals.quant.hidden = saved["eval_fp"], saved["eval_quant"]
+                    if evals.rotated is not None:
+                        evals.rotated.hidden = saved["eval_rotated"]
+            continue
         start = time.perf_counter()
         block = blocks.load(index, device)
         with torch.device(device):  # what the methods allocate lands beside the block
@@ -321,7 +392,11 @@ def run_blocks(
             oac = output_hessians(index) if output_hessians else None
             ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden,
                                device=device, storage_dtype=storage_dtype, output_hessians=oac)  # fmt: skip
-            qweights = method.quantize_block(ctx)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DampingFallback)
+                qweights = method.quantize_block(ctx)
+            fallbacks = _fallbacks(caught, index)
+            result.fallbacks += fallbacks
             fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
             for role, layer in ctx.linears.items():
                 name = adapter.linear_name(index, role)
@@ -344,10 +419,18 @@ def run_blocks(
             if evals is not None:
                 with in_dtype(block, evals.quant_dtype):
                     advance(evals.quant, adapter, block, index, device, evals.quant_dtype)
+        if journal is not None:
+            state = block_state(block, ctx.linears)
         blocks.done(index, block)
-        del block, ctx, qweights, fp_out
+        del block, ctx, fp_out
         trim_heap()
         result.block_seconds.append(round(time.perf_counter() - start, 3))
+        if journal is not None:
+            layers = [dataclasses.asdict(s) for s in result.layers if s.block == index]
+            record = BlockRecord(qweights, state, layers, result.block_seconds[-1],
+                                 result.block_output_rel_error[-1], fallbacks)  # fmt: skip
+            journal.record(index, record, _stream_states(hidden, fp_hidden, evals))
+        del qweights
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")
     calibration.hidden = hidden
     return result

@@ -550,7 +550,15 @@ def _layer_errors(report: dict, plot_names: dict[str, str]) -> list[str]:
     lines = ["## Per-layer quantization error", ""]
     lines += _image(plot_names, "layer_errors", "Per-layer weight error and block output error along depth")
     lines += ["", *_block_error_line(block_errors), "", *_role_table(layers), "", *_worst_layers(layers)]
-    return lines
+    return lines + _fallback_lines(report)
+
+
+def _fallback_lines(report: dict) -> list[str]:
+    """The numerical fallbacks the quantization took (a Hessian that needed more dampening)."""
+    fallbacks = _get(report, "quantization", "fallbacks", default=[]) or []
+    if not fallbacks:
+        return ["", "Numerical fallbacks: none (every Hessian factored at the configured dampening)."]
+    return ["", "Numerical fallbacks taken:", "", *(f"- {line}" for line in fallbacks)]
 
 
 def _mixed_layers(report: dict) -> list[dict]:

@@ -17,13 +17,15 @@ from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
+import onnx
 import torch
 from tqdm.auto import tqdm
 
 from edgeq.config import ValidationConfig
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, first_line
 from edgeq.evaluation import LogitsFn, OrtCausalLM
 from edgeq.latency import PeakRSS, measure_decode
+from edgeq.manifest import MANIFEST_FILE, layout_problems
 
 REFERENCE_FILE = "reference/fp_topk.npz"
 TOP_K = 32
@@ -238,6 +240,10 @@ def check_gates(gates: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(gates) - set(GATES))
     if unknown:
         raise EdgeqError(f"unknown gate '{unknown[0]}': choose from {', '.join(GATES)}")
+    for name, limit in gates.items():
+        # bool is an int to Python, and float("1.1") would pass a quoted number: both are typos
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+            raise EdgeqError(f"gate '{name}' must be a finite number, got {limit!r}")
     return {name: float(limit) for name, limit in gates.items()}
 
 
@@ -255,7 +261,28 @@ def load_gates(path: Path) -> dict[str, float]:
         raise EdgeqError(f"gates file {path} is not valid TOML: {err}") from None
     if "gates" not in data or not isinstance(data["gates"], dict):
         raise EdgeqError(f"gates file {path} has no [gates] table")
+    extra = sorted(set(data) - {"gates"})
+    if extra:
+        raise EdgeqError(f"gates file {path} has unknown key '{extra[0]}' (only a [gates] table is read)")
     return check_gates(data["gates"])
+
+
+def check_artifact(folder: Path) -> None:
+    """One-line errors for a folder that cannot be validated: no folder, no model.onnx, a
+    model.onnx that is not ONNX, files missing from or added to what its manifest lists."""
+    if not folder.is_dir():
+        raise EdgeqError(f"artifact folder not found: {folder}")
+    model_path = folder / "model.onnx"
+    if not model_path.is_file():
+        raise EdgeqError(f"{folder} is not an edgeq artifact: no model.onnx")
+    try:
+        onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf's decode errors have no common base here
+        raise EdgeqError(f"{model_path} is not an ONNX model ({first_line(err)})") from None
+    if (folder / MANIFEST_FILE).exists():
+        problems = layout_problems(folder)
+        if problems:
+            raise EdgeqError(f"{folder} differs from its {MANIFEST_FILE}: {'; '.join(problems)}")
 
 
 def model_files_bytes(folder: Path) -> int:
@@ -274,8 +301,7 @@ def validate(
 ) -> ValidationResult:
     """Validate the artifact in ``folder`` on each requested provider that exists here."""
     folder = Path(folder)
-    if not (folder / "model.onnx").exists():
-        raise EdgeqError(f"{folder} is not an edgeq artifact: no model.onnx")
+    check_artifact(folder)
     gates = check_gates(gates)
     check_latency_settings(latency_runs, decode_tokens)
     if report is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_model, write_text_data
 
 import edgeq.export  # noqa: F401  (imported up front so the timing checks below exclude import time)
 from edgeq.cli import main
@@ -17,6 +18,8 @@ from edgeq.config import ExportConfig
 
 # Bad input must be rejected before any heavy work; on the tiny fixtures every case takes well under this.
 FAST_SECONDS = 10.0
+# calibration and evaluation sizes for the cases found while writing, after some work was done
+SMALL_DATA = ["--calib-samples", "4", "--calib-seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2"]
 
 
 def run_cli(argv: list[str]) -> int:
@@ -27,10 +30,13 @@ def run_cli(argv: list[str]) -> int:
         return exit_.code
 
 
-def assert_clean_failure(capsys, args: list[str], out: Path, leave: tuple[str, ...] = ()) -> str:
+def assert_clean_failure(
+    capsys, args: list[str], out: Path, leave: tuple[str, ...] = (), early: bool = True
+) -> str:
     """Run ``edgeq --no-progress export ARGS --out OUT`` and check the error contract.
 
     ``leave``: names that were in ``out.parent`` before the call and must still be its only entries.
+    ``early``: the input can be checked before any heavy work (not so what is found while writing).
     Returns the error message (after the ``edgeq: error:`` prefix).
     """
     start = time.perf_counter()
@@ -52,7 +58,8 @@ def assert_clean_failure(capsys, args: list[str], out: Path, leave: tuple[str, .
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(leave), "something was left behind"
 
-    assert elapsed < FAST_SECONDS, f"took {elapsed:.1f} s: the input is validated too late"
+    if early:
+        assert elapsed < FAST_SECONDS, f"took {elapsed:.1f} s: the input is validated too late"
     return lines[-1].removeprefix("edgeq: error:").strip()
 
 
@@ -285,3 +292,227 @@ def test_export_then_eval(capsys, tmp_path, text_data_dir, tiny_model_dir):
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["windows"] == 3 and result["seq_len"] == 32
     assert result["perplexity"] == pytest.approx(onnx_ppl, rel=1e-6)
+
+
+# --- damaged model files ------------------------------------------------------------------------
+
+
+def _gguf_file(path: Path) -> Path:
+    """A small GGUF with a Llama header, some metadata and one tensor (written by gguf's writer)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((96, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_corrupt_gguf(capsys, out, text_data_dir, tmp_path):
+    gguf_path = tmp_path / "model.gguf"
+    gguf_path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    msg = assert_clean_failure(capsys, ["--model", str(gguf_path)], out)
+    assert str(gguf_path) in msg and "GGUF" in msg
+
+
+def test_truncated_gguf(capsys, out, text_data_dir, tmp_path):
+    gguf_path = _gguf_file(tmp_path / "model.gguf")
+    data = gguf_path.read_bytes()
+    gguf_path.write_bytes(data[: len(data) // 3])
+    msg = assert_clean_failure(capsys, ["--model", str(gguf_path)], out)
+    assert str(gguf_path) in msg and "GGUF" in msg
+
+
+def test_truncated_safetensors(capsys, out, text_data_dir, tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir)], out)
+    assert str(weights) in msg and "safetensors" in msg
+
+
+def test_config_missing_a_required_field(capsys, out, text_data_dir, tiny_model_dir):
+    path = tiny_model_dir / "config.json"
+    config = json.loads(path.read_text())
+    del config["intermediate_size"]  # transformers would default it to 11008 without a word
+    path.write_text(json.dumps(config))
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir)], out)
+    assert "intermediate_size" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight_is_named(capsys, out, text_data_dir, tiny_model_dir, bad):
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_model_dir / "model.safetensors"
+    state = load_file(path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name][3, 5] = bad
+    save_file(state, path, metadata={"format": "pt"})
+    # found when block 1 is read, after block 0 was quantized: small data keeps that quick
+    args = ["--model", str(tiny_model_dir), "--no-validate", *SMALL_DATA]
+    msg = assert_clean_failure(capsys, args, out, early=False)
+    assert name in msg and "NaN or Inf" in msg
+
+
+def test_tokenizer_of_another_vocabulary(capsys, out, text_data_dir, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])  # 104 tokens for a 96-row embedding
+    tokenizer.save_pretrained(tiny_model_dir)
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir)], out)
+    assert "104 tokens" in msg and "vocab_size is 96" in msg
+
+
+# --- calibration text, continued --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"\x00" * 4096, "binary"), (b"\xff\xfe caf\xe9 \x81\x82" * 200, "not UTF-8")],
+    ids=["binary", "non-utf8"],
+)
+def test_calibration_file_that_is_not_text(capsys, out, text_data_dir, tiny_model_dir, tmp_path, content,
+                                           expected):  # fmt: skip
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(content)
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--calib", str(calib)], out)
+    assert str(calib) in msg and expected in msg
+
+
+# --- the output location, continued -----------------------------------------------------------
+
+
+def test_output_under_a_file(capsys, out, text_data_dir, tiny_model_dir):
+    blocker = out.parent / "a-file"
+    blocker.write_text("not a folder\n")
+    args = ["--no-progress", "export", "--model", str(tiny_model_dir), "--out", str(blocker / "art")]
+    line = assert_one_line_failure(capsys, args)
+    assert "is a file" in line
+    assert [p.name for p in out.parent.iterdir()] == ["a-file"]
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_read_only_output_location(capsys, text_data_dir, tiny_model_dir):
+    # sysfs refuses new entries even to root, which permission bits do not (CI may run as root)
+    target = Path("/sys/edgeq-test-artifact")
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    code = run_cli(["--no-progress", "export", "--model", str(tiny_model_dir), "--out", str(target)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("edgeq: error:") and "not writable" in captured.err
+    assert not target.exists()
+
+
+def test_full_disk_while_writing(capsys, out, text_data_dir, tiny_model_dir, monkeypatch):
+    import errno
+
+    from exporters.ort_fused import ExternalData
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(ExternalData, "move", no_space)
+    args = ["--model", str(tiny_model_dir), "--no-validate", *SMALL_DATA]
+    msg = assert_clean_failure(capsys, args, out, early=False)
+    assert "no space left" in msg and "model.onnx_data" in msg
+
+
+# --- gates files --------------------------------------------------------------------------------
+
+BAD_GATES = {
+    "unknown-gate": ("[gates]\nperplexity_ratio = 1.2\nspeedup = 2\n", "unknown gate 'speedup'"),
+    "unknown-table": ("[gates]\nperplexity_ratio = 1.2\n[extra]\nx = 1\n", "unknown key 'extra'"),
+    "string": ('[gates]\nperplexity_ratio = "1.2"\n', "must be a finite number"),
+    "bool": ("[gates]\ntop1_agreement = true\n", "must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GATES))
+def test_bad_gates_file_for_export(capsys, out, text_data_dir, tiny_model_dir, tmp_path, case):
+    text, expected = BAD_GATES[case]
+    gates = tmp_path / "gates.toml"
+    gates.write_text(text)
+    msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir), "--gates", str(gates)], out)
+    assert expected in msg
+
+
+# --- validate and verify on damaged artifact folders ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """One tiny w4a16 export, copied by the tests that damage it."""
+    base = tmp_path_factory.mktemp("artifact")
+    model_dir = base / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEQ_DATA_DIR", str(write_text_data(base / "data")))
+        status = main(["--no-progress", "export", "--model", str(model_dir), "--no-validate",
+                       "--calib-samples", "4", "--calib-seq-len", "32", "--eval-seq-len", "32",
+                       "--eval-windows", "3", "--out", str(base / "art")])  # fmt: skip
+    assert status == 0
+    return base / "art"
+
+
+def _damaged(artifact: Path, tmp_path: Path, damage: str) -> Path:
+    import shutil
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifact, folder)
+    if damage == "missing":
+        (folder / "report.md").unlink()
+    elif damage == "extra":
+        (folder / "notes.txt").write_text("added after the export\n")
+    elif damage == "not-onnx":
+        (folder / "model.onnx").write_bytes(b"this is not a protobuf" * 10)
+    return folder
+
+
+def assert_one_line_failure(capsys, argv: list[str]) -> str:
+    code = run_cli(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeq: error:"), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "damage", "expected"),
+    [
+        ("validate", "not-onnx", "is not an ONNX model"),
+        ("validate", "missing", "missing: report.md"),
+        ("validate", "extra", "extra: notes.txt"),
+        ("verify", "missing", "missing: report.md"),
+        ("verify", "extra", "extra: notes.txt"),
+    ],
+)
+def test_damaged_artifact_folder(capsys, tmp_path, artifact, command, damage, expected):
+    folder = _damaged(artifact, tmp_path, damage)
+    junit = tmp_path / "junit.xml"
+    extra = ["--providers", "cpu", "--junit", str(junit)] if command == "validate" else []
+    line = assert_one_line_failure(capsys, ["--no-progress", command, str(folder), *extra])
+    assert expected in line
+    assert not junit.exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GATES))
+def test_bad_gates_file_for_validate(capsys, tmp_path, artifact, case):
+    text, expected = BAD_GATES[case]
+    gates = tmp_path / "gates.toml"
+    gates.write_text(text)
+    line = assert_one_line_failure(
+        capsys, ["--no-progress", "validate", str(artifact), "--gates", str(gates)]
+    )
+    assert expected in line

@@ -55,7 +55,7 @@ def test_bundle_holds_report_card_manifest_and_reference(artifact):
         assert f"]({link})" in report_md
         assert (artifact / link).read_bytes().startswith(b"\x89PNG")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert "model.onnx" in manifest["files"] and "MODEL_CARD.md" in manifest["files"]
+    assert "model.onnx" in manifest["files"] and "MODEL_CARD.md" in manifest["run"]["files"]
     exported = json.loads((artifact / "edgeq_config.json").read_text())
     assert manifest["config"]["quant"]["scheme"] == exported["quant"]["scheme"] in ("w4a4", "w4a16")
     assert "model.onnx_data" in manifest["files"]

@@ -16,6 +16,7 @@ from edgeq.manifest import (
     MANIFEST_FILE,
     MODEL_CARD_FILE,
     calibration_sha256,
+    content_sha256,
     onnx_io,
     sha256_file,
     verify_bundle,
@@ -128,7 +129,11 @@ def test_fresh_bundle_verifies(bundle: Path):
     assert verify_bundle(bundle) == []
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     files = manifest["files"]
-    assert set(files) == {"model.onnx", "config.json", "report.json", "tokenizer/vocab.txt", MODEL_CARD_FILE}
+    assert set(files) == {"model.onnx", "config.json", "tokenizer/vocab.txt"}
+    # the files that print timings are hashed apart, with the run's creation time
+    assert set(manifest["run"]["files"]) == {"report.json", MODEL_CARD_FILE}
+    assert set(manifest["run"]) == {"created", "files"}
+    assert manifest["content_sha256"] == content_sha256(manifest)
     assert files["config.json"]["sha256"] == sha256_file(bundle / "config.json")
     assert files["config.json"]["bytes"] == (bundle / "config.json").stat().st_size
     assert manifest["onnx"]["opset"] == 21 and manifest["onnx"]["external_data"] is False
@@ -153,6 +158,20 @@ def test_external_data_is_flagged_and_hashed(tmp_path: Path):
     assert verify_bundle(tmp_path) == [
         f"changed: model.onnx_data (size or SHA-256 differs from {MANIFEST_FILE})"
     ]
+
+
+def test_content_hash_ignores_the_run_and_follows_the_files(bundle: Path):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    other_run = {**manifest, "run": {"created": "2031-01-01T00:00:00+00:00", "files": {}}}
+    assert content_sha256(other_run) == manifest["content_sha256"]
+    changed = json.loads(json.dumps(manifest))
+    changed["files"]["config.json"]["sha256"] = "0" * 64
+    assert content_sha256(changed) != manifest["content_sha256"]
+
+
+def test_changed_run_file_is_reported(bundle: Path):
+    (bundle / "report.json").write_text(json.dumps({**REPORT, "created": "another time"}))
+    assert verify_bundle(bundle) == [f"changed: report.json (size or SHA-256 differs from {MANIFEST_FILE})"]
 
 
 def test_tampered_file_is_reported_changed(bundle: Path):

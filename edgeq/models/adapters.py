@@ -69,6 +69,8 @@ class Adapter:
     rotary_paths: the rotary module by ``attention_type`` where the layer kinds use different RoPE
     bases (Gemma3: local and global); a kind not listed uses ``rotary_path``.
     activation_key: the config field naming the MLP's gate activation (a transformers ACT2FN name).
+    required_config: config.json fields the weights' shapes follow; transformers gives a missing one
+    its default silently, so a config.json lacking one is refused instead.
     """
 
     name: str
@@ -94,6 +96,9 @@ class Adapter:
     fused_graph_unsupported: str = ""
     rotary_paths: dict[str, str] = field(default_factory=dict)
     activation_key: str = "hidden_act"
+    required_config: tuple[str, ...] = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+    )  # fmt: skip
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)

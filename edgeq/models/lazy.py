@@ -24,7 +24,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, first_line
 from edgeq.models.adapters import Adapter
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -64,13 +64,23 @@ class Checkpoint:
         return self._files[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as stored (its own dtype), read from disk now, into memory of its own."""
+        """The tensor ``name`` as stored (its own dtype), read from disk now, into memory of its own;
+        a one-line error for an unreadable file or a tensor holding NaN or Inf."""
         if name in self._state:
-            return self._state[name]
-        from safetensors import safe_open
+            tensor = self._state[name]
+        else:
+            from safetensors import safe_open
 
-        with safe_open(str(self._path(name)), framework="pt") as handle:
-            return handle.get_tensor(name).clone()
+            path = self._path(name)
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    tensor = handle.get_tensor(name).clone()
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors alike
+                raise EdgeqError(f"cannot read tensor '{name}' from {path}: {first_line(err)}") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            # a quantizer fed NaN writes NaN scales: the artifact would load and produce garbage
+            raise EdgeqError(f"weight '{name}' of the checkpoint holds NaN or Inf values")
+        return tensor
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name``, read from the file's header (no data is read)."""
@@ -100,8 +110,11 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
 
     files: dict[str, Path] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            files |= dict.fromkeys(handle.keys(), path)
+        try:  # the header is checked against the file's size here: a truncated file fails now
+            with safe_open(str(path), framework="pt") as handle:
+                files |= dict.fromkeys(handle.keys(), path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors alike
+            raise EdgeqError(f"{path} is not a readable safetensors file: {first_line(err)}") from None
     return files
 
 
@@ -136,9 +149,15 @@ def _set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
 def _load_params(
     module: nn.Module, prefix: str, checkpoint: Checkpoint, device: torch.device | str
 ) -> Iterator[str]:
-    for name, _ in list(module.named_parameters(recurse=True)):
+    for name, param in list(module.named_parameters(recurse=True)):
         full = f"{prefix}.{name}" if prefix else name
-        _set_parameter(module, name, checkpoint.get(full).to(device=device, dtype=torch.float32))
+        value = checkpoint.get(full)
+        if value.shape != param.shape:  # config.json and the weights disagree
+            raise EdgeqError(
+                f"tensor '{full}' has shape {list(value.shape)} in the checkpoint, but config.json "
+                f"implies {list(param.shape)}"
+            )
+        _set_parameter(module, name, value.to(device=device, dtype=torch.float32))
         yield full
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from edgeq.artifact import atomic_folder
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, first_line
 from edgeq.models.adapters import adapter_for_config
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -122,7 +123,12 @@ def weights_folder(source: ModelSource) -> Path:
         dest = gguf_cache_folder(gguf)
         marker = dest / CONVERSION_MARKER
         if not marker.exists() or marker.read_text().strip() != CONVERSION_VERSION:
-            convert_gguf_to_folder(gguf, dest)
+            try:
+                convert_gguf_to_folder(gguf, dest)
+            except EdgeqError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a truncated GGUF fails wherever its data ends
+                raise EdgeqError(f"cannot convert {gguf}: {first_line(err)}") from None
         return dest
     if source.is_hub_id:
         from huggingface_hub import snapshot_download
@@ -130,7 +136,7 @@ def weights_folder(source: ModelSource) -> Path:
         try:
             return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as err:  # noqa: BLE001 - any hub failure is the same for the user
-            raise EdgeqError(f"could not download '{source.spec}': {_first_line(err)}") from None
+            raise EdgeqError(f"could not download '{source.spec}': {first_line(err)}") from None
     return Path(source.path)
 
 
@@ -162,13 +168,17 @@ def load_config(source: ModelSource) -> PretrainedConfig:
     """The model's config; checks it is a causal LM of a supported architecture."""
     try:
         config = AutoConfig.from_pretrained(source.path, **source.load_kwargs())
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged GGUF fails inside gguf's parser with any type
+        if source.gguf_file:
+            raise EdgeqError(f"{source.spec} is not a readable GGUF file: {first_line(err)}") from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         if source.is_hub_id:
             raise EdgeqError(
-                f"could not get '{source.spec}' from the Hugging Face hub ({_first_line(err)}); "
+                f"could not get '{source.spec}' from the Hugging Face hub ({first_line(err)}); "
                 "pass a local model folder or .gguf file where the hub is unreachable"
             ) from None
-        raise EdgeqError(f"cannot read the model config of {source.spec}: {_first_line(err)}") from None
+        raise EdgeqError(f"cannot read the model config of {source.spec}: {first_line(err)}") from None
     # Encoders such as BERT also have a causal-LM head class; what they are built for is masked LM.
     is_encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.is_encoder_decoder
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_encoder:
@@ -176,8 +186,24 @@ def load_config(source: ModelSource) -> PretrainedConfig:
             f"{source.spec} is not a causal language model (model_type '{config.model_type}'); "
             "edgeq quantizes decoder-only text generators"
         )
-    adapter_for_config(config)
+    adapter = adapter_for_config(config)
+    raw_path = Path(source.path) / "config.json"
+    if not source.gguf_file and raw_path.is_file():
+        raw = json.loads(raw_path.read_text(encoding="utf-8"))  # AutoConfig parsed it already
+        missing = [key for key in adapter.required_config if key not in raw]
+        if missing:
+            raise EdgeqError(f"{raw_path} lacks required field(s) {', '.join(missing)}")
     return config
+
+
+def check_vocabulary(tokenizer, config: PretrainedConfig, spec: str) -> None:
+    """The tokenizer's ids must index the embedding: a tokenizer with more tokens than the table has
+    rows belongs to another model, and its high ids would index past the table."""
+    if len(tokenizer) > config.vocab_size:
+        raise EdgeqError(
+            f"the tokenizer of {spec} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{config.vocab_size}: they do not belong together"
+        )
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -205,8 +231,3 @@ def load_model(source: ModelSource):
     load_config(source)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.load_kwargs())
     return model.eval()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

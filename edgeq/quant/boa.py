@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from edgeq.config import BoAOptions, GPTQOptions, WeightQuantConfig
-from edgeq.quant.gptq import column_factor, dampen, gptq_sweep, inverse_cholesky_upper
+from edgeq.quant.gptq import column_factor, factor_dampened, gptq_sweep
 from edgeq.quant.grid import QuantizedWeight, concat_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def kronecker_quantize(
     factors = [column_factor(h, gptq) for h in (h_col[None] if shared else h_col)]
     for g in range(heads):
         w3[g][:, factors[0 if shared else g].dead] = 0
-    u_row = torch.stack([inverse_cholesky_upper(dampen(h, options.row_percdamp)[0]) for h in h_row])
+    u_row = torch.stack([factor_dampened(h, options.row_percdamp)[0] for h in h_row])
 
     per_head: list[list[QuantizedWeight]] = [[] for _ in range(heads)]
     for r0 in range(0, hd, options.row_block):

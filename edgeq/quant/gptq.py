@@ -4,10 +4,17 @@ not yet quantized, minimizing tr(ΔW H ΔWᵀ) with H = 2 E[x xᵀ].
 Notation, following the paper: U is the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U). Quantizing column j
 leaves the error e = (w_j − q_j) / U_jj, which is spread over the later columns as W[:, j:] −= e · U[j, j:].
 Columns are processed in blocks of ``block_size`` with lazy batched updates of the rest.
+
+H must be positive definite for U to exist. Dampening (H + λI, λ a fraction of mean diag H) makes a
+rank-deficient H so, e.g. from fewer calibration tokens than inputs or duplicated inputs. Where
+float32 rounding still leaves it indefinite, ``factor_dampened`` retries with 10× and 100× the
+dampening and at last drops the off-diagonal (no compensation between columns: weighted RTN); each
+such step is a ``DampingFallback`` warning, which the pipeline reports per block.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -38,6 +45,43 @@ def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     lower = torch.linalg.cholesky(h)
     hinv = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(hinv, upper=True)
+
+
+class DampingFallback(UserWarning):
+    """A Hessian that did not factor at the configured dampening; the message says what was used."""
+
+
+DAMPING_RETRIES = (10.0, 100.0)  # multiples of the configured dampening tried after it
+
+
+def factor_dampened(
+    h: torch.Tensor, percdamp: float, perm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, dampened H, dead mask) for H [n, n]: U [n, n] upper with Uᵀ U = H⁻¹, in ``perm`` order when
+    given. Falls back to more dampening, then to diag H alone, warning ``DampingFallback``."""
+    for multiple in (1.0, *DAMPING_RETRIES):
+        damped, dead = dampen(h, percdamp * multiple)
+        try:
+            u = inverse_cholesky_upper(damped[perm][:, perm] if perm is not None else damped)
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(u).all()):
+            if multiple > 1:
+                warnings.warn(
+                    f"Hessian not positive definite at dampening {percdamp:g}; used {percdamp * multiple:g}",
+                    DampingFallback,
+                    stacklevel=2,
+                )
+            return u, damped, dead
+    warnings.warn(
+        f"Hessian not positive definite even at dampening {percdamp * DAMPING_RETRIES[-1]:g}; its "
+        "diagonal alone was used (no error compensation between columns)",
+        DampingFallback,
+        stacklevel=2,
+    )
+    damped, dead = dampen(torch.diag(torch.diag(h).clamp_min(0)), percdamp)
+    diagonal = damped[perm][:, perm] if perm is not None else damped
+    return torch.diag(diagonal.diagonal().rsqrt()), damped, dead
 
 
 def search_grid(
@@ -121,10 +165,12 @@ class ColumnFactor(NamedTuple):
 
 
 def column_factor(h_col: torch.Tensor, options: GPTQOptions) -> ColumnFactor:
-    h, dead = dampen(h_col, options.percdamp)
-    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
-    hp = h[perm][:, perm] if perm is not None else h
-    return ColumnFactor(inverse_cholesky_upper(hp), perm, torch.diag(h), dead)
+    # act-order sorts by diag H, which dampening shifts uniformly: the first try's order serves all
+    perm = None
+    if options.act_order:
+        perm = torch.argsort(torch.diag(dampen(h_col, options.percdamp)[0]), descending=True)
+    u, h, dead = factor_dampened(h_col, options.percdamp, perm)
+    return ColumnFactor(u, perm, torch.diag(h), dead)
 
 
 def gptq_quantize(
@@ -142,4 +188,7 @@ def layer_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
     return float(torch.einsum("ij,jk,ik->", delta, h, delta))
 
 
-__all__ = ["ColumnFactor", "GPTQOptions", "column_factor", "gptq_quantize", "gptq_sweep", "layer_loss"]
+__all__ = [
+    "ColumnFactor", "DampingFallback", "GPTQOptions", "column_factor", "factor_dampened", "gptq_quantize",
+    "gptq_sweep", "layer_loss",
+]  # fmt: skip
