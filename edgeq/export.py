@@ -263,12 +263,6 @@ def run_export(
     source = resolve_model(config.model)
     model_config = load_config(source)
     adapter = adapter_for_config(model_config)
-    # the run's identity, which --resume must match: hashed before any other work
-    weights = weight_files(source)
-    with _timed(timings, "hash_weights_s"):
-        weights_hash = weights_sha256(weights) if weights else None
-    run_fingerprint = fingerprint(config.to_dict(), weights_hash, edgeq.__version__)
-    reuse = resume_folder(out, run_fingerprint) if resume else None
 
     # Tokenize before loading the weights: short or empty text fails in seconds, not minutes.
     with _timed(timings, "data_s"):
@@ -277,6 +271,12 @@ def run_export(
         data = prepare_text_data(tokenizer, config.calibration, config.evaluation, adapter)
     windows = data.evaluation
     log.info("evaluation: %d windows of %d tokens", windows.shape[0], windows.shape[1])
+    # the run's identity, which --resume must match (after the data: bad text fails before hashing)
+    weights = weight_files(source)
+    with _timed(timings, "hash_weights_s"):
+        weights_hash = weights_sha256(weights) if weights else None
+    run_fingerprint = fingerprint(config.to_dict(), weights_hash, edgeq.__version__)
+    reuse = resume_folder(out, run_fingerprint) if resume else None
 
     log.info("loading %s (block by block, on %s)", config.model, device)
     with _timed(timings, "load_s"):

@@ -314,6 +314,13 @@ def _gguf_file(path: Path) -> Path:
     return path
 
 
+def truncate(path: Path, keep: float) -> Path:
+    """Cut the file to its first ``keep`` share, as an interrupted copy or download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def test_corrupt_gguf(capsys, out, text_data_dir, tmp_path):
     gguf_path = tmp_path / "model.gguf"
     gguf_path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
@@ -322,17 +329,13 @@ def test_corrupt_gguf(capsys, out, text_data_dir, tmp_path):
 
 
 def test_truncated_gguf(capsys, out, text_data_dir, tmp_path):
-    gguf_path = _gguf_file(tmp_path / "model.gguf")
-    data = gguf_path.read_bytes()
-    gguf_path.write_bytes(data[: len(data) // 3])
+    gguf_path = truncate(_gguf_file(tmp_path / "model.gguf"), keep=1 / 3)
     msg = assert_clean_failure(capsys, ["--model", str(gguf_path)], out)
     assert str(gguf_path) in msg and "GGUF" in msg
 
 
 def test_truncated_safetensors(capsys, out, text_data_dir, tiny_model_dir):
-    weights = tiny_model_dir / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
+    weights = truncate(tiny_model_dir / "model.safetensors", keep=1 / 2)
     msg = assert_clean_failure(capsys, ["--model", str(tiny_model_dir)], out)
     assert str(weights) in msg and "safetensors" in msg
 
