@@ -164,3 +164,38 @@ def test_compare_finds_the_lm_head_by_the_logits_output_not_by_name():
     )
     assert compare.lm_head_node(graph).name == "whatever"
     assert compare.lm_head_node(onnx.GraphProto()) is None
+
+
+def test_reliability_table_says_what_each_run_showed():
+    module = benchmark_module("reliability")
+    run = {"exit_status": 0, "seconds": 100.0, "last_line": ""}
+    results = {
+        "model": "m",
+        "blocks": 30,
+        "command_line": "edgeq.cli export --model m --out OUT",
+        "runs": {
+            "first": run,
+            "second": {**run, "seconds": 101.0},
+            "killed": {
+                "exit_status": 143,
+                "seconds": 50.0,
+                "blocks_recorded": 15,
+                "last_line": "edgeq: interrupted; resume with: edgeq export --resume",
+            },
+            "resumed": {**run, "seconds": 60.0},
+        },  # fmt: skip
+        "determinism": {
+            "identical_files": {"model.onnx": True, "model.onnx_data": False},
+            "manifest_equal_outside_run": True,
+        },  # fmt: skip
+        "resume": {
+            "identical_files": {"model.onnx": True, "model.onnx_data": True},
+            "content_sha256_equal": True,
+        },  # fmt: skip
+        "date": "2026-01-01",
+    }
+    table = module.markdown(results)
+    assert "| 3: SIGTERM after 15 of 30 blocks | 50 | exit 143; `edgeq: interrupted" in table
+    # one file differed: the whole comparison says no
+    assert "files identical to run 1: **no**; manifests equal outside `run`: yes" in table
+    assert "| 4: `--resume` | 60 | files identical to run 1: yes; content_sha256 equal: yes |" in table
