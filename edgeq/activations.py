@@ -90,30 +90,35 @@ class PerTokenFakeQuant(torch.autograd.Function):
 
 class QuantInputLinear(nn.Module):
     """A block linear whose input goes through ``rotation`` (optional) and, when ``quantize_input`` is
-    on, per-token fake quantization with ``bits`` before the unchanged ``linear``.
+    on, per-token fake quantization on a ``bits``-wide grid (``symmetric``, ``clip_ratio``) before
+    the unchanged ``linear``. Linears that read one input (q/k/v, gate/up) carry equal settings, so
+    an exported graph quantizes that input once.
 
     Calibration of the weights runs with quantize_input off (Hessians of the rotated float
-    activations); the pipeline turns it on once the weights are quantized.
+    activations) unless ``ActQuantConfig.calibrate_quantized``; the pipeline sets the grid.
     """
 
     def __init__(self, linear: nn.Linear, rotation: nn.Module | None = None):
         super().__init__()
         self.linear = linear
         self.rotation = rotation
-        self.act = ActQuantConfig()
         self.bits = 16
+        self.symmetric = True
+        self.clip_ratio = 1.0
         self.quantize_input = False
 
-    def set_quantization(self, act: ActQuantConfig, bits: int) -> None:
-        self.act, self.bits = act, bits
+    def set_quantization(self, act: ActQuantConfig, bits: int, clip_ratio: float | None = None) -> None:
+        """The grid of ``act`` at ``bits`` (16 = off), with its clip ratio unless one is given (a
+        searched one, ``edgeq.activation_ranges``)."""
+        self.bits, self.symmetric = bits, act.symmetric
+        self.clip_ratio = act.clip_ratio if clip_ratio is None else clip_ratio
         self.quantize_input = bits < 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quantize_input:
-            act = self.act
-            x = PerTokenFakeQuant.apply(x, self.bits, act.symmetric, act.clip_ratio, self.linear.in_features)
+            x = PerTokenFakeQuant.apply(x, self.bits, self.symmetric, self.clip_ratio, self.linear.in_features)
         return self.linear(x)
 
 
