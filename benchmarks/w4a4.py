@@ -1,13 +1,18 @@
-"""W4A4 on one model: what rotations and each weight method buy, and what limits the rest.
+"""W4A4 on one model: the presets, what rotations, clip search and each weight method buy, with their
+noise, and the fused W4A4 graph's speed in ONNX Runtime.
 
     python benchmarks/w4a4.py                      # SmolLM2, the settings the README shows
 
-Main table (the w4a4 scheme: per-channel symmetric int4 weights, per-token symmetric int4
-activations with clip 0.9, KV cache in float): no rotation + RTN, rotation + RTN / GPTQ / BoA.
-Limits table: one quantized model evaluated under other activation settings (its weights were
-calibrated on the w4a4 activations; re-calibrating for each setting would move each row a little):
-FP weights with int4 activations isolate the activations' share, A16 the weights' share;
-asymmetric activations, clip 1.0 and an 8-bit down_proj input show what moves it.
+Quality rows: PyTorch fake-quant perplexity. The main rows run with 3 calibration seeds (the windows
+sampled from the C4 sample; the rotation seed stays 0) and give mean and standard deviation; the
+rest run with seed 0. Learned rotations (SpinQuant, ``edgeq.rotation.learned``) use the same weight
+method and seeds as the Hadamard row they are compared with.
+
+Speed: the seed-0 ``w4a4`` preset model is written as the fused ``ort`` graph (MatMulNBits,
+GroupQueryAttention, SkipSimplifiedLayerNormalization, online R4 and per-token quantization in
+front of the matmuls) and scored in ONNX Runtime against its PyTorch model; a ``w4a16`` preset
+model (RTN: the speed does not depend on the method) is written as the same graph, and the two are
+timed interleaved in this run (128-token prompt, 64 greedy steps with the KV cache, 2 threads).
 
 Writes benchmarks/results/w4a4.json (with machine and versions) and w4a4.md, and puts the tables into
 README.md between the W4A4 markers. Every number comes from this run.
@@ -18,56 +23,126 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from common import add_data_arguments, load_data, publish, save_results
 
-from edgeq.config import ActQuantConfig, RotationConfig, scheme_preset
-from edgeq.evaluation import perplexity, torch_logits_fn
-from edgeq.latency import PeakRSS
+from edgeq.config import CalibrationConfig, EvalConfig, QuantConfig, scheme_preset
+from edgeq.data import prepare_text_data
+from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
+from edgeq.latency import PeakRSS, measure_decode
 from edgeq.models.adapters import adapter_for
-from edgeq.models.loading import load_model
-from edgeq.pipeline import enable_activation_quantization, quantize_model
-from edgeq.rotation.rotate import rotate_model
+from edgeq.models.loading import load_model, load_tokenizer
+from edgeq.pipeline import quantize_model
+from edgeq.rotation.learned import learn_rotations
+from edgeq.rotation.rotate import apply_plan, plan_rotations
+from edgeq.scoring import perplexities_and_agreement
+from exporters.ort_fused import export_fused
 
 README_MARKER = "w4a4 results"
-DEFAULT_ACT = scheme_preset("w4a4").activations
-# (label, rotation on, weight method or None for FP weights)
-MAIN_ROWS = (
-    ("no rotation + RTN", False, "rtn"),
-    ("rotation + RTN", True, "rtn"),
-    ("rotation + GPTQ", True, "gptq"),
-    ("rotation + BoA", True, "boa"),
+SEEDS = (0, 1, 2)
+PRESET_LABEL = "rotation + BoA"  # the w4a4 preset: its method is BoA
+
+
+@dataclass(frozen=True)
+class Row:
+    """One setting: a scheme preset with overrides, over ``seeds`` calibration seeds."""
+
+    label: str
+    scheme: str
+    method: str
+    seeds: tuple[int, ...] = (0,)
+    rotate: bool = True
+    learned: bool = False
+    activations: dict = field(default_factory=dict)  # ActQuantConfig overrides
+
+    def config(self, steps: int, samples: int, lr: float) -> QuantConfig:
+        quant = scheme_preset(self.scheme)
+        kind = "learned" if self.learned else "hadamard"
+        rotation = dataclasses.replace(quant.rotation, enabled=self.rotate, kind=kind, steps=steps,
+                                       samples=samples, lr=lr)  # fmt: skip
+        act = dataclasses.replace(quant.activations, **self.activations)
+        return dataclasses.replace(quant, method=self.method, rotation=rotation, activations=act)
+
+
+ROWS = (
+    Row("no rotation + RTN", "w4a4", "rtn", rotate=False),
+    Row("rotation + RTN", "w4a4", "rtn"),
+    Row("rotation + GPTQ", "w4a4", "gptq", SEEDS),
+    Row(PRESET_LABEL, "w4a4", "boa", SEEDS),
+    Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS, learned=True),
+    Row("rotation + GPTQ, symmetric activations", "w4a4", "gptq", activations={"symmetric": True}),
+    Row("rotation + GPTQ, fixed clip 0.9", "w4a4", "gptq", activations={"clip_search": False}),
+    Row("w4a4-down8 (down_proj input A8) + BoA", "w4a4-down8", "boa"),
+    Row("w4a8 + BoA", "w4a8", "boa"),
+    Row("w4a4 + KV4 + BoA", "w4a4", "boa", activations={"kv_bits": 4}),
 )
-ACT_VARIANTS = {
-    "A4 sym, clip 0.9 (w4a4 default)": DEFAULT_ACT,
-    "A4 sym, clip 1.0": dataclasses.replace(DEFAULT_ACT, clip_ratio=1.0),
-    "A4 asym, clip 1.0": dataclasses.replace(DEFAULT_ACT, symmetric=False, clip_ratio=1.0),
-    "A4, down_proj input A8": dataclasses.replace(DEFAULT_ACT, down_proj_bits=8),
-    "A16 (activations in float)": ActQuantConfig(bits=16),
+# must-shows: row label → the largest perplexity / FP allowed
+LIMITS = {
+    PRESET_LABEL: 1.5,
+    "w4a4-down8 (down_proj input A8) + BoA": 1.35,
+    "w4a8 + BoA": 1.15,
+    "w4a4 + KV4 + BoA": 1.6,
 }
-# the models whose activation variants are measured: FP weights (rotated) and rotation + BoA
-VARIANT_MODELS = ("rotation, FP weights", "rotation + BoA")
 
 
-def _quantized(source, data, rotate: bool, method: str | None):
-    """A fresh model, rotated or not, with weights quantized by ``method`` (None: left in float);
-    activation quantization as the w4a4 scheme sets it. Returns (model, seconds, peak RSS, config)."""
-    model = load_model(source)
-    adapter = adapter_for(model)
-    config = dataclasses.replace(
-        scheme_preset("w4a4"), method=method or "rtn", rotation=RotationConfig(enabled=rotate)
-    )
+def quantized(source, calibration: torch.Tensor, config: QuantConfig):
+    """A fresh model rotated (Hadamard, or learned on ``calibration``) and quantized by ``config``.
+    Returns (model, its QuantizationResult, seconds, peak RSS, rotation report, learning seconds)."""
     with PeakRSS() as peak:
         start = time.perf_counter()
-        rotation = rotate_model(model, adapter, config.rotation)
-        if method is None:
-            enable_activation_quantization(model, adapter, config.activations)
-        else:
-            quantize_model(model, adapter, config, data.calibration)
+        model = load_model(source)
+        adapter = adapter_for(model)
+        plan = plan_rotations(adapter, model.config, config.rotation, config.activations.kv_bits < 16)
+        learning = 0.0
+        if config.rotation.kind == "learned" and plan.applied:
+            plan, log = learn_rotations(load_model(source), adapter, config, plan, calibration)
+            learning = log.seconds
+        apply_plan(model, adapter, plan)
+        result = quantize_model(model, adapter, config, calibration)
         seconds = time.perf_counter() - start
-    return model, seconds, peak.peak, config, dataclasses.asdict(rotation)
+    return model, result, seconds, peak.peak, dataclasses.asdict(plan.report), learning
+
+
+def _calibration(args, source, seed: int) -> torch.Tensor:
+    config = CalibrationConfig(None, args.calib_samples, args.calib_seq_len, seed)
+    evaluation = EvalConfig(None, args.eval_seq_len, 1)
+    return prepare_text_data(load_tokenizer(source), config, evaluation).calibration
+
+
+def _speed(folder: Path, threads: int) -> dict:
+    return measure_decode(OrtCausalLM(folder, threads=threads, accuracy_level=None), 128, 64, 1)
+
+
+def fused_parity(model, result, windows: torch.Tensor, folder: Path) -> dict:
+    """Write ``model`` (quantized in memory, ``result`` its integer weights) as the fused ``ort``
+    graph into ``folder`` and score it in ONNX Runtime (as a user runs it: the graph's MatMulNBits
+    accuracy level) against the PyTorch model: perplexities and greedy top-1 agreement."""
+    info = export_fused(model, adapter_for(model), result.weights, result.tables, folder)
+    ort = OrtCausalLM(folder, accuracy_level=None)
+    compared = perplexities_and_agreement(torch_logits_fn(model), {"ort": ort.logits}, windows, "fused w4a4")
+    return {
+        "graph": info.graph,
+        "torch_perplexity": compared["reference"],
+        "ort_perplexity": compared["ort"]["perplexity"],
+        "top1_agreement": compared["ort"]["top1_agreement"],
+        "bytes": info.bytes_total,
+    }
+
+
+def ort_speed(fused: dict[str, Path], threads: int, rounds: int) -> dict[str, dict]:
+    """Decode tokens/s of each fused graph, timed in ``rounds`` interleaved rounds (one warm-up and
+    one timed run each), so a change in the machine's load hits all of them alike."""
+    runs: dict[str, list[float]] = {name: [] for name in fused}
+    for _ in range(rounds):
+        for name, folder in fused.items():
+            runs[name].append(_speed(folder, threads)["decode_tokens_per_s"]["p50"])
+    return {name: {"tokens_per_s": statistics.median(v), "runs": v} for name, v in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_data_arguments(parser)
+    parser.add_argument("--rotation-steps", type=int, default=48, help="learned rotations: Cayley SGD steps")
+    parser.add_argument("--rotation-samples", type=int, default=16, help="learned rotations: windows")
+    parser.add_argument("--rotation-lr", type=float, default=0.002, help="learned rotations: step size")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the timings")
+    parser.add_argument("--speed-rounds", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     if args.render:
         write_tables(json.loads((args.out / "w4a4.json").read_text()), args.out, not args.no_readme)
@@ -84,24 +164,43 @@ def main(argv: list[str] | None = None) -> None:
     windows = data.evaluation
     fp_ppl = perplexity(torch_logits_fn(load_model(source)), windows, "FP")
     print(f"FP ppl {fp_ppl:.3f}", flush=True)
-    rows, variants, rotation_report = [], [], None
-    for label, rotate, method in (("rotation, FP weights", True, None), *MAIN_ROWS):
-        model, seconds, peak, config, rotation = _quantized(source, data, rotate, method)
-        rotation_report = rotation if rotate else rotation_report
-        if method is not None:
-            ppl = perplexity(torch_logits_fn(model), windows, label)
-            rows.append({"label": label, "perplexity": ppl, "seconds": seconds, "peak_rss_bytes": peak,
-                         "config": dataclasses.asdict(config)})  # fmt: skip
-            print(f"{label:24s} ppl {ppl:10.3f}  {seconds:6.1f} s  {peak / 2**30:.2f} GiB", flush=True)
-        if label in VARIANT_MODELS:
-            adapter = adapter_for(model)
-            for name, act in ACT_VARIANTS.items():
-                enable_activation_quantization(model, adapter, act)
-                ppl = perplexity(torch_logits_fn(model), windows, f"{label} / {name}")
-                variants.append({"weights": label, "activations": name, "perplexity": ppl,
-                                 "config": dataclasses.asdict(act)})  # fmt: skip
-                print(f"{label:24s} {name:32s} ppl {ppl:10.3f}", flush=True)
-        del model
+    calibrations = {seed: _calibration(args, source, seed) for seed in SEEDS}
+    rows, rotation_report = [], None
+    tmp = Path(tempfile.mkdtemp(prefix="edgeq-w4a4-"))
+    fused: dict[str, Path] = {}
+    parity = None
+    for row in ROWS:
+        config = row.config(args.rotation_steps, args.rotation_samples, args.rotation_lr)
+        per_seed = []
+        for seed in row.seeds:
+            model, result, seconds, peak, rotation, learning = quantized(source, calibrations[seed], config)
+            rotation_report = rotation if row.rotate and not row.learned else rotation_report
+            ppl = perplexity(torch_logits_fn(model), windows, f"{row.label} seed {seed}")
+            per_seed.append({"seed": seed, "perplexity": ppl, "seconds": seconds, "peak_rss_bytes": peak,
+                             "learning_seconds": learning, "rotation": rotation})  # fmt: skip
+            print(f"{row.label:44s} seed {seed} ppl {ppl:9.3f}  {seconds:6.1f} s", flush=True)
+            if row.label == PRESET_LABEL and seed == 0:
+                parity = fused_parity(model, result, windows, tmp / "w4a4-ort")
+                fused["w4a4 ort"] = tmp / "w4a4-ort"
+                print(f"fused w4a4 ort: {parity}", flush=True)
+            del model, result
+        ppls = [s["perplexity"] for s in per_seed]
+        rows.append({
+            "label": row.label,
+            "perplexity": statistics.mean(ppls),
+            "std": statistics.stdev(ppls) if len(ppls) > 1 else None,
+            "seeds": per_seed,
+            "seconds": statistics.mean(s["seconds"] for s in per_seed),
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in per_seed),
+            "config": dataclasses.asdict(config),
+        })  # fmt: skip
+    w4a16 = dataclasses.replace(scheme_preset("w4a16"), method="rtn")
+    model, result, *_ = quantized(source, calibrations[0], w4a16)
+    export_fused(model, adapter_for(model), result.weights, result.tables, tmp / "w4a16-ort")
+    fused["w4a16 ort"] = tmp / "w4a16-ort"
+    del model, result
+    speed = ort_speed(fused, args.threads, args.speed_rounds)
+    print(f"speed: {speed}", flush=True)
     results = save_results(
         args,
         "w4a4",
@@ -109,47 +208,68 @@ def main(argv: list[str] | None = None) -> None:
         fp_perplexity=fp_ppl,
         rotation=rotation_report,
         rows=rows,
-        activation_variants=variants,
+        fused=parity | {"speed": speed},
     )
     write_tables(results, args.out, not args.no_readme)
+
+
+def _ppl(row: dict) -> str:
+    return f"{row['perplexity']:.2f}" + (f" ± {row['std']:.2f}" if row.get("std") is not None else "")
 
 
 def markdown(results: dict) -> str:
     s, fp = results["settings"], results["fp_perplexity"]
     rotation = ", ".join(f"{k.upper()} {v}" for k, v in results["rotation"]["applied"].items())
+    by_label = {r["label"]: r for r in results["rows"]}
     lines = [
         f"Model `{results['model']}`, FP perplexity **{fp:.2f}**. Calibration: {s['calib_samples']} × "
-        f"{s['calib_seq_len']} tokens of C4 (seed {s['seed']}); evaluation: WikiText-2 test, "
-        f"{results['eval_windows']} windows of {s['eval_seq_len']} tokens, no BOS; PyTorch fake-quant; "
-        f"{results['machine']['cpus']} CPU threads. W4A4: per-channel symmetric int4 weights, per-token "
-        f"symmetric int4 activations (clip 0.9) on every block linear's input, KV cache and lm_head in "
-        f"float. Rotations: {rotation}.",
+        f"{s['calib_seq_len']} tokens of C4; evaluation: WikiText-2 test, {results['eval_windows']} windows "
+        f"of {s['eval_seq_len']} tokens, no BOS; PyTorch fake-quant; {results['machine']['cpus']} CPU "
+        f"threads. `w4a4`: per-channel symmetric int4 weights, per-token asymmetric int4 activations "
+        f"with each input's clip ratio searched, on every block linear's input; KV cache float; lm_head "
+        f"int8. Rotations: {rotation}. Rows with ± ran with calibration seeds "
+        f"{', '.join(map(str, SEEDS))} (mean ± standard deviation); the others with seed 0. Learned "
+        f"rotations: {s['rotation_steps']} Cayley SGD steps on {s['rotation_samples']} windows, step "
+        f"size {s['rotation_lr']:g}.",
         "",
-        "| W4A4 | perplexity | gap to FP | quantization time (s) | peak RSS (GiB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| W4A4 | perplexity | × FP | must show | quantization time (s) | peak RSS (GiB) |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for row in results["rows"]:
+        limit = LIMITS.get(row["label"])
+        ratio = row["perplexity"] / fp
+        verdict = "" if limit is None else f"≤ {limit} × {'✓' if ratio <= limit else '✗'}"
         lines.append(
-            f"| {row['label']} | {row['perplexity']:.2f} | {row['perplexity'] - fp:+.2f} | "
-            f"{row['seconds']:.0f} | {row['peak_rss_bytes'] / 2**30:.2f} |"
+            f"| {row['label']} | {_ppl(row)} | {ratio:.2f} | {verdict} | {row['seconds']:.0f} | "
+            f"{row['peak_rss_bytes'] / 2**30:.2f} |"
         )
-    by_label = {r["label"]: r for r in results["rows"]}
-    rtn, boa = by_label.get("rotation + RTN"), by_label.get("rotation + BoA")
-    if rtn and boa:
-        ratio = (boa["perplexity"] - fp) / (rtn["perplexity"] - fp)
-        lines += ["", f"Rotation + BoA's gap to FP is {ratio:.2f} × rotation + RTN's."]
+    hadamard, learned = by_label.get("rotation + GPTQ"), by_label.get("learned rotation + GPTQ")
+    if hadamard and learned:
+        closed = (hadamard["perplexity"] - learned["perplexity"]) / (hadamard["perplexity"] - fp)
+        seconds = statistics.mean(x["learning_seconds"] for x in learned["seeds"])
+        lines += [
+            "",
+            f"Learned rotations close {closed * 100:.0f} % of the randomized Hadamard's gap to FP (same "
+            f"method and seeds; must show ≥ 15 %), for {seconds:.0f} s of learning per run.",
+        ]
+    boa, gptq = by_label.get(PRESET_LABEL), by_label.get("rotation + GPTQ")
+    if boa and gptq and boa.get("std") is not None:
+        lines += ["", f"BoA against GPTQ at W4A4: {_ppl(boa)} against {_ppl(gptq)}."]
+    f = results["fused"]
+    speed = f["speed"]
+    w4, w16 = speed["w4a4 ort"]["tokens_per_s"], speed["w4a16 ort"]["tokens_per_s"]
+    parity = f["ort_perplexity"] / f["torch_perplexity"] - 1
     lines += [
         "",
-        "What limits W4A4 here: the same weights under other activation settings.",
+        f"The seed-0 `w4a4` preset model as the fused `ort` graph ({f['graph']}; {f['bytes'] / 1e6:.1f} MB): "
+        f"ONNX Runtime perplexity {f['ort_perplexity']:.2f} against PyTorch's {f['torch_perplexity']:.2f} "
+        f"({parity * 100:+.1f} %; must show within 2 %), greedy top-1 agreement "
+        f"{f['top1_agreement'] * 100:.1f} %. Decode: {w4:.1f} tokens/s against {w16:.1f} for the fused "
+        f"`w4a16` graph, {w4 / w16:.2f} × (must show ≥ 0.9 ×; median of {s['speed_rounds']} interleaved "
+        f"rounds, 128-token prompt, 64 steps, {s['threads']} threads).",
         "",
-        "| weights | activations | perplexity | gap to FP |",
-        "| --- | --- | ---: | ---: |",
+        f"Produced by `{results['command']}` on {results['date']}.",
     ]
-    for v in results["activation_variants"]:
-        lines.append(
-            f"| {v['weights']} | {v['activations']} | {v['perplexity']:.2f} | {v['perplexity'] - fp:+.2f} |"
-        )
-    lines += ["", f"Produced by `{results['command']}` on {results['date']}."]
     return "\n".join(lines) + "\n"
 
 

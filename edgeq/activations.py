@@ -54,6 +54,11 @@ class PerTokenFakeQuant(torch.autograd.Function):
         return fake_quant_per_token(x, bits, symmetric, clip_ratio)
 
     @staticmethod
+    def backward(ctx, grad):  # noqa: ARG004
+        """Straight through (∂Q(x)/∂x = I): what learning rotations through the grid uses."""
+        return grad, None, None, None, None
+
+    @staticmethod
     def symbolic(g, x, bits: int, symmetric: bool, clip_ratio: float, width: int):
         """``width``: the size of x's last axis (one quantization block), static in the graph. A
         float16 x is quantized in float32 and the result cast back, as ``fake_quant_per_token`` does."""
@@ -118,7 +123,8 @@ class QuantInputLinear(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quantize_input:
-            x = PerTokenFakeQuant.apply(x, self.bits, self.symmetric, self.clip_ratio, self.linear.in_features)
+            width = self.linear.in_features
+            x = PerTokenFakeQuant.apply(x, self.bits, self.symmetric, self.clip_ratio, width)
         return self.linear(x)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgeq.config import (
     DEFAULT_GATES,
+    ROTATION_KINDS,
     SCHEMES,
     CalibrationConfig,
     EvalConfig,
@@ -187,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     asym.add_argument(
         "--act-asymmetric", dest="act_symmetric", action="store_false", help="asymmetric per token"
     )
-    act.add_argument("--act-clip", type=float, help="activation clip ratio in (0, 1] (w4a4: 0.9)")
+    act.add_argument(
+        "--act-clip",
+        type=_clip,
+        help="activation clip ratio in (0, 1], or 'search': one per input, fitted on the calibration data "
+        "(default: the scheme's)",
+    )
     act.add_argument("--down-act-bits", type=int, help="bits of down_proj's input (default: --act-bits)")
     act.add_argument(
         "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
@@ -196,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     rot.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="Hadamard rotations")
     rot.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotations")
     act.add_argument("--rotation-seed", type=int, help="seed of the randomized Hadamard matrices (0)")
+    act.add_argument(
+        "--rotation",
+        choices=ROTATION_KINDS,
+        help="hadamard: randomized Hadamard matrices; learned: R1/R2 optimized from them on the quantized "
+        "model's loss (SpinQuant; the whole float model in memory). Implies --rotate",
+    )
+    act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (100)")
+    act.add_argument("--rotation-samples", type=int, help="learned rotations: calibration windows used (16)")
+    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (1.5)")
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
     export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")
@@ -283,6 +298,16 @@ def _bit_choices(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _clip(text: str) -> float | str:
+    """--act-clip: a ratio, or 'search'."""
+    if text == "search":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] or 'search', got '{text}'") from None
+
+
 def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
     quant = scheme_preset(args.scheme)
     weights = _replace(quant.weights, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
@@ -292,11 +317,20 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         quant.activations,
         bits=args.act_bits,
         symmetric=args.act_symmetric,
-        clip_ratio=args.act_clip,
+        clip_ratio=None if args.act_clip == "search" else args.act_clip,
+        clip_search=None if args.act_clip is None else args.act_clip == "search",
         down_proj_bits=args.down_act_bits,
         kv_bits=args.kv_bits,
     )
-    rotation = _replace(quant.rotation, enabled=args.rotate, seed=args.rotation_seed)
+    rotation = _replace(
+        quant.rotation,
+        enabled=True if args.rotation and args.rotate is None else args.rotate,
+        seed=args.rotation_seed,
+        kind=args.rotation,
+        steps=args.rotation_steps,
+        samples=args.rotation_samples,
+        lr=args.rotation_lr,
+    )
     aespa = _replace(quant.aespa, iterations=args.aespa_iterations)
     mixed = _replace(quant.mixed, avg_bits=args.avg_bits, bit_choices=args.bit_choices)
     quant = dataclasses.replace(

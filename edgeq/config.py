@@ -151,6 +151,8 @@ class ActQuantConfig:
     kv_bits: keys (after RoPE) and values in the KV cache, asymmetric per token and head (16 = float).
     calibrate_quantized: the weights are calibrated on the quantized activations they will see (each
     block's own inputs and everything upstream); otherwise on float activations (QuaRot's recipe).
+    clip_search: each input's clip ratio is searched on the calibration data
+    (``edgeq.activation_ranges``; clip_ratio is then unused).
     """
 
     bits: int = 16
@@ -159,6 +161,7 @@ class ActQuantConfig:
     down_proj_bits: int | None = None
     kv_bits: int = 16
     calibrate_quantized: bool = True
+    clip_search: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -175,6 +178,9 @@ class ActQuantConfig:
             raise EdgeqError(f"activation clip ratio must be in (0, 1], got {self.clip_ratio}")
 
 
+ROTATION_KINDS = ("hadamard", "learned")
+
+
 @dataclass(frozen=True)
 class RotationConfig:
     """QuaRot-style Hadamard rotations (each exact: the FP model's function is unchanged).
@@ -185,6 +191,10 @@ class RotationConfig:
     r4: Hadamard on down_proj's input, applied online (a factored transform) and fused into down_proj.
     r3: Hadamard on queries and keys after RoPE, online; applied only when the KV cache is quantized.
     seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
+    kind: "hadamard" (the randomized Hadamard matrices) or "learned": R1 and one R2 per block
+    optimized from them on the quantized network's loss (SpinQuant, ``edgeq.rotation.learned``),
+    ``steps`` Cayley SGD steps of step size ``lr``, cycling through the first ``samples``
+    calibration windows.
     """
 
     enabled: bool = False
@@ -193,6 +203,16 @@ class RotationConfig:
     r4: bool = True
     r3: bool = True
     seed: int = 0
+    kind: str = "hadamard"
+    steps: int = 100
+    samples: int = 16
+    lr: float = 1.5
+
+    def validate(self) -> None:
+        if self.kind not in ROTATION_KINDS:
+            raise EdgeqError(f"rotation must be one of {', '.join(ROTATION_KINDS)}, got '{self.kind}'")
+        if self.steps < 1 or self.samples < 1 or not self.lr > 0:
+            raise EdgeqError("rotation learning needs steps ≥ 1, samples ≥ 1 and a positive learning rate")
 
 
 @dataclass(frozen=True)
@@ -344,16 +364,27 @@ SCHEMES: dict[str, QuantConfig] = {
     "w3a16": QuantConfig(
         scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False), lm_head_bits=8
     ),
-    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token symmetric int4
-    # activations (KV cache in float).
+    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token int4
+    # activations (KV cache in float), each input's clip ratio searched (benchmarks/w4a4.py).
     "w4a4": QuantConfig(
         scheme="w4a4",
         weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
-        activations=ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9),
+        activations=ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9, clip_search=True),
         rotation=RotationConfig(enabled=True),
         lm_head_bits=8,
     ),
 }
+# w4a4 with down_proj's input at 8 bits: the hardest activation (the MLP's product, heavy-tailed
+# even after R4) gets an int8 grid, the other six inputs stay int4.
+SCHEMES["w4a4-down8"] = dataclasses.replace(
+    SCHEMES["w4a4"],
+    scheme="w4a4-down8",
+    activations=dataclasses.replace(SCHEMES["w4a4"].activations, down_proj_bits=8),
+)
+# 4-bit weights with 8-bit per-token activations, for the NPUs that run int8 activations.
+SCHEMES["w4a8"] = dataclasses.replace(
+    SCHEMES["w4a4"], scheme="w4a8", activations=dataclasses.replace(SCHEMES["w4a4"].activations, bits=8)
+)
 
 
 def scheme_preset(name: str) -> QuantConfig:

@@ -64,7 +64,8 @@ from edgeq.quant.methods import needs_output_hessians
 from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
 from edgeq.resume import Journal, fingerprint
-from edgeq.rotation.rotate import plan_rotations, rotate_embedding, rotate_head, rotate_model
+from edgeq.rotation.learned import learn_rotations
+from edgeq.rotation.rotate import RotationPlan, apply_plan, plan_rotations, rotate_embedding, rotate_head
 from edgeq.scoring import agreement_with, score_stream
 from edgeq.validate import (
     TOP_K,
@@ -136,6 +137,7 @@ def validate_inputs(config: ExportConfig) -> None:
     """Every check that needs no model, so bad input fails before minutes of work."""
     config.quant.weights.validate()
     config.quant.activations.validate()
+    config.quant.rotation.validate()
     config.quant.mixed.validate()
     method_class(config.quant.method)
     if config.format not in FORMATS:
@@ -198,9 +200,40 @@ class CheckpointBlocks:
         release(block)
 
 
+LEARNED_ROTATIONS = "rotations.pt"  # the journal's record of the learned R1/R2
+
+
+def learned_plan(
+    source, adapter, quant: QuantConfig, plan: RotationPlan, calibration: torch.Tensor, journal: Journal,
+    progress: bool,
+) -> tuple[RotationPlan, dict[str, Any]]:  # fmt: skip
+    """The plan with R1/R2 learned (``edgeq.rotation.learned``) on a float copy of the whole model,
+    and what the learning did for the report; saved in the journal, so a resumed run reads them."""
+    path = journal.folder / LEARNED_ROTATIONS
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        return saved["plan"], saved["learning"]
+    model = load_model(source)
+    plan, log = learn_rotations(model, adapter, quant, plan, calibration, progress=progress)
+    losses = log.losses
+    tail = max(1, len(losses) // 10)
+    learning = {
+        "steps": len(losses),
+        "seconds": round(log.seconds, 1),
+        "loss_first_steps": sum(losses[:tail]) / tail if losses else None,
+        "loss_last_steps": sum(losses[-tail:]) / tail if losses else None,
+    }
+    torch.save({"plan": plan, "learning": learning}, path)
+    del model
+    gc.collect()
+    trim_heap()
+    return plan, learning
+
+
 def output_hessian_store(
-    source, adapter, quant: QuantConfig, calibration: torch.Tensor, journal: Journal, progress: bool
-) -> tuple[Callable[[int], dict[str, torch.Tensor]], QuantConfig]:
+    source, adapter, quant: QuantConfig, plan: RotationPlan, calibration: torch.Tensor, journal: Journal,
+    progress: bool,
+) -> tuple[Callable[[int], dict[str, torch.Tensor]], QuantConfig]:  # fmt: skip
     """OAC's output-adaptive Hessians of every block linear, saved per block in the journal's
     folder: the reader of block i's, and ``quant`` with its mixed-precision widths allocated from
     them (APTQ). The backward passes hold the float32 model (rotated as the scheme's plan rotates it)
@@ -210,8 +243,8 @@ def output_hessian_store(
         mixed = dataclasses.replace(quant.mixed, widths=saved["widths"])
         return OutputHessianStore(journal.oac_folder, adapter).block, dataclasses.replace(quant, mixed=mixed)
     model = load_model(source)
-    if quant.rotation.enabled:
-        rotate_model(model, adapter, quant.rotation, quant.activations.kv_bits < 16)
+    if plan.applied:
+        apply_plan(model, adapter, plan)
     hessians = collect_output_hessians(model, adapter, calibration, progress=progress)
     quant = with_widths(quant, model, adapter, hessians)
     store = OutputHessianStore(journal.oac_folder, adapter)
@@ -328,12 +361,18 @@ def run_export(
         journal = Journal(tmp, run_fingerprint)
         if journal.finished:
             log.info("resuming %s after block %d of %d", tmp, journal.finished, len(adapter.blocks(model)))
+        if quant.rotation.kind == "learned" and plan.applied:
+            with _timed(timings, "learn_rotations_s"):
+                plan, learning = learned_plan(
+                    source, adapter, quant, plan, data.calibration, journal, progress
+                )
+            report["rotation"] = dataclasses.asdict(plan.report) | {"learning": learning}
         tokenizer.save_pretrained(tmp)
         hessians = None
         if needs_output_hessians(quant):
             with _timed(timings, "output_hessians_s"):
                 hessians, quant = output_hessian_store(
-                    source, adapter, quant, data.calibration, journal, progress
+                    source, adapter, quant, plan, data.calibration, journal, progress
                 )
             config = dataclasses.replace(config, quant=quant)  # with the allocated widths
             report["config"] = config.to_dict()

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgeq.activation_ranges import search_block_clip_ratios
+from edgeq.activations import float_activations
 from edgeq.config import ActQuantConfig, QuantConfig
 from edgeq.kv_cache import kv_spec
 from edgeq.memory import trim_heap
@@ -87,6 +89,8 @@ class QuantizationResult:
     block_seconds: list[float] = field(default_factory=list)  # per block: load, calibrate, write
     seconds: float = 0.0
     widths: dict[str, int] = field(default_factory=dict)  # mixed precision: linear name → bits
+    # searched activation clip ratios (ActQuantConfig.clip_search): linear name → ratio
+    clip_ratios: dict[str, float] = field(default_factory=dict)
     # numerical fallbacks taken (edgeq.quant.gptq.DampingFallback), "block i: what was done"
     fallbacks: list[str] = field(default_factory=list)
 
@@ -160,25 +164,30 @@ def enable_activation_quantization(model: nn.Module, adapter: Adapter, act: ActQ
 
 
 def quantize_block_activations(
-    model: nn.Module, adapter: Adapter, block: nn.Module, act: ActQuantConfig
-) -> None:
-    """Activation (and KV cache) quantization of one block as ``act`` sets it."""
+    model: nn.Module, adapter: Adapter, block: nn.Module, act: ActQuantConfig,
+    clip_ratios: dict[str, float] | None = None,
+) -> None:  # fmt: skip
+    """Activation (and KV cache) quantization of one block as ``act`` sets it, with searched clip
+    ratios by role where given."""
+    clip_ratios = clip_ratios or {}
     for role in LINEAR_ROLES:
-        adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
+        quantizer = adapter.input_quantizer(block, role)
+        quantizer.set_quantization(act, act.bits_for(role), clip_ratios.get(role))
     attention = adapter.attention(block)
     if act.kv_bits < 16 or hasattr(attention, "edgeq_kv"):
         kv_spec(model, attention, adapter.attention_shape(model.config).head_dim).bits = act.kv_bits
 
 
 def prepare_block(
-    model: nn.Module, adapter: Adapter, block: nn.Module, plan: RotationPlan | None, act: ActQuantConfig
-) -> None:
+    model: nn.Module, adapter: Adapter, block: nn.Module, index: int, plan: RotationPlan | None,
+    act: ActQuantConfig, clip_ratios: dict[str, float] | None = None,
+) -> None:  # fmt: skip
     """What the pass does to a block besides quantizing its weights, for a block replayed from its
     record: its rotations (online ones included) and its activation quantizers."""
     if plan is not None and plan.applied:
-        rotate_block(model, adapter, block, plan)
+        rotate_block(model, adapter, block, plan, index)
     if act.enabled:
-        quantize_block_activations(model, adapter, block, act)
+        quantize_block_activations(model, adapter, block, act, clip_ratios)
 
 
 @torch.no_grad()
@@ -286,6 +295,12 @@ def in_dtype(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             p.data = saved[name]
 
 
+def calibrating(block: nn.Module, act: ActQuantConfig) -> contextlib.AbstractContextManager:
+    """The activations the weights are calibrated on: the quantized ones they will see (the
+    default), or float ones (QuaRot's recipe, ``calibrate_quantized=False``)."""
+    return contextlib.nullcontext() if act.calibrate_quantized else float_activations(block)
+
+
 def _fallbacks(caught: list[warnings.WarningMessage], index: int) -> list[str]:
     """The DampingFallback warnings of block ``index``, logged and returned as report lines; any
     other warning caught with them is shown as it would have been."""
@@ -357,12 +372,13 @@ def run_blocks(
             record = journal.block(index)
             block = blocks.load(index, device)
             with torch.device(device):
-                prepare_block(model, adapter, block, plan, act)
+                prepare_block(model, adapter, block, index, plan, act, record.clip_ratios)
             restore_block(block, adapter.linears(block), record)
             result.layers += [LayerStats(**layer) for layer in record.layers]
             result.block_output_rel_error.append(record.output_rel_error)
             result.block_seconds.append(record.seconds)
             result.fallbacks += record.fallbacks
+            result.clip_ratios |= {adapter.linear_name(index, r): c for r, c in record.clip_ratios.items()}
             if keep_weights:
                 result.weights |= {adapter.linear_name(index, r): q for r, q in record.weights.items()}
             if on_block is not None:
@@ -383,21 +399,26 @@ def run_blocks(
             if evals is not None:
                 advance(evals.fp, adapter, block, index, device)
             if plan is not None and plan.applied:
-                rotate_block(model, adapter, block, plan)
+                rotate_block(model, adapter, block, plan, index)
                 if evals is not None and evals.rotated is not None:
                     advance(evals.rotated, adapter, block, index, device)
             kwargs = [batch[index] for batch in calibration.kwargs]
-            if act.enabled and act.calibrate_quantized:
+            clip_ratios: dict[str, float] = {}
+            if act.enabled:
                 quantize_block_activations(model, adapter, block, act)
+                if act.clip_search:  # on the float weights, the inputs the quantized blocks give
+                    clip_ratios = search_block_clip_ratios(adapter, block, hidden, kwargs, act, device)
+                    result.clip_ratios |= {adapter.linear_name(index, r): c for r, c in clip_ratios.items()}
             oac = output_hessians(index) if output_hessians else None
             ctx = BlockContext(index, block, adapter, model.config, hidden, kwargs, fp_hidden=fp_hidden,
                                device=device, storage_dtype=storage_dtype, output_hessians=oac)  # fmt: skip
-            with warnings.catch_warnings(record=True) as caught:
+            with calibrating(block, act), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingFallback)
                 qweights = method.quantize_block(ctx)
             fallbacks = _fallbacks(caught, index)
             result.fallbacks += fallbacks
-            fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
+            with calibrating(block, act):
+                fp_out = ctx.outputs if len(ctx.outputs) == len(hidden) else ctx.run_all()
             for role, layer in ctx.linears.items():
                 name = adapter.linear_name(index, role)
                 w = layer.weight.data
@@ -411,8 +432,6 @@ def run_blocks(
             hidden = ctx.run_all()
             if fp_hidden is not None:
                 fp_hidden = ctx.fp_outputs
-            if act.enabled and not act.calibrate_quantized:
-                quantize_block_activations(model, adapter, block, act)
             result.block_output_rel_error.append(_rel_error(hidden, fp_out))
             if on_block is not None:
                 on_block(index, block, {role: qweights[role] for role in ctx.linears})
@@ -428,7 +447,7 @@ def run_blocks(
         if journal is not None:
             layers = [dataclasses.asdict(s) for s in result.layers if s.block == index]
             record = BlockRecord(qweights, state, layers, result.block_seconds[-1],
-                                 result.block_output_rel_error[-1], fallbacks)  # fmt: skip
+                                 result.block_output_rel_error[-1], fallbacks, clip_ratios)  # fmt: skip
             journal.record(index, record, _stream_states(hidden, fp_hidden, evals))
         del qweights
         bar.set_postfix(out_err=f"{result.block_output_rel_error[-1]:.4f}")

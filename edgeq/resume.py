@@ -55,7 +55,8 @@ def _weight_to_dict(q: QuantizedWeight) -> dict[str, Any]:
 @dataclass
 class BlockRecord:
     """What block i left behind: ``weights`` its integer weights by role; ``state`` its other tensors
-    by state_dict name; ``layers`` its LayerStats as dicts; ``fallbacks`` its numerical fallbacks."""
+    by state_dict name; ``layers`` its LayerStats as dicts; ``fallbacks`` its numerical fallbacks;
+    ``clip_ratios`` its searched activation clip ratios by role."""
 
     weights: dict[str, QuantizedWeight]
     state: dict[str, torch.Tensor]
@@ -63,6 +64,7 @@ class BlockRecord:
     seconds: float
     output_rel_error: float
     fallbacks: list[str] = dataclasses.field(default_factory=list)
+    clip_ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # searched, by role
 
 
 def block_state(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
@@ -122,6 +124,7 @@ class Journal:
             "seconds": record.seconds,
             "output_rel_error": record.output_rel_error,
             "fallbacks": record.fallbacks,
+            "clip_ratios": record.clip_ratios,
         }
         torch.save(block, self.folder / f"block_{index}.pt")
         torch.save({k: v for k, v in streams.items() if v is not None}, self.folder / f"streams_{index}.pt")

@@ -62,31 +62,59 @@ def test_readme_is_updated_only_between_the_markers(tmp_path):
     assert "new table" in text and "old" not in text
 
 
+def _w4a4_row(label, ppl, std=None, learning=0.0):
+    seeds = [{"seed": 0, "perplexity": ppl, "learning_seconds": learning}]
+    return {"label": label, "perplexity": ppl, "std": std, "seeds": seeds, "seconds": 9.0,
+            "peak_rss_bytes": 2**30}  # fmt: skip
+
+
 W4A4_RESULTS = {
     "model": "m",
     "fp_perplexity": 10.0,
     "eval_windows": 4,
-    "settings": {"calib_samples": 8, "calib_seq_len": 64, "seed": 0, "eval_seq_len": 128},
+    "settings": {
+        "calib_samples": 8,
+        "calib_seq_len": 64,
+        "seed": 0,
+        "eval_seq_len": 128,
+        "rotation_steps": 48,
+        "rotation_samples": 16,
+        "rotation_lr": 0.002,
+        "speed_rounds": 5,
+        "threads": 2,
+    },  # fmt: skip
     "rotation": {"applied": {"r1": "randomized Hadamard 36 x 16"}, "skipped": {}},
     "rows": [
-        {"label": "no rotation + RTN", "perplexity": 9000.0, "seconds": 1.0, "peak_rss_bytes": 2**30},
-        {"label": "rotation + RTN", "perplexity": 110.0, "seconds": 1.0, "peak_rss_bytes": 2**30},
-        {"label": "rotation + BoA", "perplexity": 35.0, "seconds": 9.0, "peak_rss_bytes": 2**30},
+        _w4a4_row("no rotation + RTN", 9000.0),
+        _w4a4_row("rotation + GPTQ", 16.0, 0.5),
+        _w4a4_row("rotation + BoA", 14.0, 0.25),
+        _w4a4_row("learned rotation + GPTQ", 14.5, 0.5, learning=120.0),
+        _w4a4_row("w4a8 + BoA", 12.0),
     ],
-    "activation_variants": [
-        {"weights": "rotation + BoA", "activations": "A16", "perplexity": 12.5},
-    ],
+    "fused": {
+        "graph": "fused",
+        "torch_perplexity": 14.0,
+        "ort_perplexity": 14.14,
+        "top1_agreement": 0.9,
+        "bytes": 1e8,
+        "speed": {"w4a4 ort": {"tokens_per_s": 95.0}, "w4a16 ort": {"tokens_per_s": 100.0}},
+    },  # fmt: skip
     "command": "python benchmarks/w4a4.py",
     "date": "2026-01-01",
     "machine": {"cpus": 2},
 }
 
 
-def test_w4a4_table_and_gap_ratio_come_from_the_results():
+def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     table = benchmark_module("w4a4").markdown(W4A4_RESULTS)
-    assert "| rotation + BoA | 35.00 | +25.00 | 9 | 1.00 |" in table
-    assert "gap to FP is 0.25 × rotation + RTN's" in table
-    assert "| rotation + BoA | A16 | 12.50 | +2.50 |" in table
+    assert "| rotation + BoA | 14.00 ± 0.25 | 1.40 | ≤ 1.5 × ✓ | 9 | 1.00 |" in table
+    assert "| w4a8 + BoA | 12.00 | 1.20 | ≤ 1.15 × ✗ |" in table
+    assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
+    assert "close 25 % of the randomized Hadamard's gap" in table  # (16 − 14.5) / (16 − 10)
+    assert "120 s of learning per run" in table
+    assert "BoA against GPTQ at W4A4: 14.00 ± 0.25 against 16.00 ± 0.50" in table
+    assert "(+1.0 %; must show within 2 %)" in table
+    assert "95.0 tokens/s against 100.0" in table and "0.95 ×" in table
     assert "R1 randomized Hadamard 36 x 16" in table
 
 

@@ -23,6 +23,9 @@ LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_INPUT_ROLES = ("q", "k", "v")
 MLP_INPUT_ROLES = ("gate", "up")
 RESIDUAL_OUTPUT_ROLES = ("o", "down")
+# The linears that read one input, in the order the block computes the inputs: an exported graph
+# quantizes each input once for all its readers.
+INPUT_GROUPS = (ATTN_INPUT_ROLES, ("o",), MLP_INPUT_ROLES, ("down",))
 
 _LLAMA_LINEARS = {
     "q": "self_attn.q_proj",

@@ -131,17 +131,24 @@ def add_block_query_key_rotation(
 class RotationPlan:
     """The rotations one model gets, built once and applied block by block (``rotate_block``) and
     to the embedding and lm_head (``rotate_outer``). r1 [d, d] and r2 [head_dim, head_dim] are
-    float64 orthogonal matrices; r4 and r3 the online transforms; None where not applied."""
+    float64 orthogonal matrices; r4 and r3 the online transforms; None where not applied.
+    r2_blocks: one R2 per block instead of the shared r2 (learned rotations, ``edgeq.rotation.learned``).
+    """
 
     report: RotationReport
     r1: torch.Tensor | None = None
     r2: torch.Tensor | None = None
     r4: OrthogonalTransform | None = None
     r3: OrthogonalTransform | None = None
+    r2_blocks: list[torch.Tensor] | None = None
 
     @property
     def applied(self) -> bool:
         return bool(self.report.applied)
+
+    def r2_for(self, index: int) -> torch.Tensor | None:
+        """Block ``index``'s R2 (None: not applied)."""
+        return self.r2_blocks[index] if self.r2_blocks is not None else self.r2
 
 
 def plan_rotations(
@@ -201,19 +208,30 @@ def rotate_outer(model: nn.Module, adapter: Adapter, plan: RotationPlan) -> None
     rotate_head(model, adapter, plan)
 
 
-def rotate_block(model: nn.Module, adapter: Adapter, block: nn.Module, plan: RotationPlan) -> None:
-    """Every planned rotation of one decoder block, in place (on the block's device)."""
+def rotate_block(
+    model: nn.Module, adapter: Adapter, block: nn.Module, plan: RotationPlan, index: int
+) -> None:
+    """Every planned rotation of decoder block ``index``, in place (on the block's device)."""
     device = next(block.parameters()).device
     if plan.r1 is not None:
         fold_block_norms(block, adapter)
         rotate_block_residual(block, adapter, plan.r1.to(device))
-    if plan.r2 is not None:
+    r2 = plan.r2_for(index)
+    if r2 is not None:
         shape = adapter.attention_shape(model.config)
-        rotate_block_value_heads(block, adapter, shape, plan.r2.to(device))
+        rotate_block_value_heads(block, adapter, shape, r2.to(device))
     if plan.r4 is not None:
         add_block_down_proj_rotation(block, adapter, plan.r4)
     if plan.r3 is not None:
         add_block_query_key_rotation(model, block, adapter, plan.r3)
+
+
+def apply_plan(model: nn.Module, adapter: Adapter, plan: RotationPlan) -> RotationReport:
+    """Apply a rotation plan to a whole model in memory, in place."""
+    rotate_outer(model, adapter, plan)
+    for index, block in enumerate(adapter.blocks(model)):
+        rotate_block(model, adapter, block, plan, index)
+    return plan.report
 
 
 def rotate_model(
@@ -221,8 +239,4 @@ def rotate_model(
 ) -> RotationReport:
     """Apply the enabled rotations that are exact for this architecture to a whole model in memory,
     in place (the streamed pipeline applies the same plan block by block)."""
-    plan = plan_rotations(adapter, model.config, config, kv_quantized)
-    rotate_outer(model, adapter, plan)
-    for block in adapter.blocks(model):
-        rotate_block(model, adapter, block, plan)
-    return plan.report
+    return apply_plan(model, adapter, plan_rotations(adapter, model.config, config, kv_quantized))

@@ -1,0 +1,97 @@
+"""Per-input clip ratios of the per-token activation grids, searched on calibration data.
+
+A per-token grid of b bits spends its 2^b levels on [−c·max|x|, c·max|x|] (or c·[min, max] when
+asymmetric). c = 1 keeps every value in range but rounds the bulk coarsely; c < 1 clips the largest
+entry of each token and rounds the rest finer. Which c is best depends on the input's shape and on
+which of its errors the consumers amplify, so each input is searched on its own: for an input X
+[T, d] read by linears W_1 … W_n (q/k/v share one input, gate/up another), with E(c) = Q_c(X) − X,
+
+    err(c) = Σ_i ‖E(c) W_iᵀ‖²_F = tr(E(c) M E(c)ᵀ),    M = Σ_i W_iᵀ W_i  [d, d],
+
+the squared output error the grid causes in the float linears, and c = argmin over CLIP_CANDIDATES.
+(The product goes through M when d < Σ out_i, through the stacked W otherwise: the cheaper one.)
+
+The inputs of a block are searched in the order the block reads them (attention input, o_proj's,
+MLP input, down_proj's), each with the inputs before it already quantized at their chosen ratios,
+so every search sees the activations the exported graph will feed it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeq.activations import fake_quant_per_token
+from edgeq.config import ActQuantConfig
+from edgeq.models.adapters import INPUT_GROUPS, Adapter
+from edgeq.quant.block import block_forward, to_device
+
+# 1.0, 0.95, …, 0.6: below 0.6 no input of the models measured (SmolLM2, tiny Llamas) was better
+CLIP_CANDIDATES = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))
+# tokens per input the error is measured on (sampled evenly from the calibration windows)
+SEARCH_TOKENS = 2048
+
+
+def output_error(x: torch.Tensor, weights: list[torch.Tensor], act: ActQuantConfig, bits: int,
+                 clip_ratio: float) -> float:  # fmt: skip
+    """Σ_i ‖(Q_c(x) − x) W_iᵀ‖²: x [T, d], each W_i [out_i, d] (float32)."""
+    e = fake_quant_per_token(x, bits, act.symmetric, clip_ratio) - x
+    stacked = torch.cat(weights, dim=0)
+    if x.shape[1] < stacked.shape[0]:
+        return float(((e @ (stacked.T @ stacked)) * e).sum())
+    return float((e @ stacked.T).pow(2).sum())
+
+
+def best_clip_ratio(x: torch.Tensor, weights: list[torch.Tensor], act: ActQuantConfig, bits: int,
+                    candidates: tuple[float, ...] = CLIP_CANDIDATES) -> float:  # fmt: skip
+    """The candidate with the smallest ``output_error`` (the larger ratio on a tie)."""
+    errors = {c: output_error(x, weights, act, bits, c) for c in sorted(candidates, reverse=True)}
+    return min(errors, key=errors.__getitem__)
+
+
+def _sample_rows(rows: list[torch.Tensor], count: int) -> torch.Tensor:
+    """``count`` rows taken evenly from the concatenation of ``rows`` (each [t, d])."""
+    x = torch.cat(rows)
+    if x.shape[0] <= count:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, count).long()]
+
+
+@torch.no_grad()
+def search_block_clip_ratios(
+    adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], act: ActQuantConfig,
+    device: torch.device | str = "cpu", tokens: int = SEARCH_TOKENS,
+) -> dict[str, float]:  # fmt: skip
+    """The clip ratio of every quantized linear input of ``block`` (by role; linears that share an
+    input share one), searched in the block's order on the calibration stream ``hidden`` (per batch
+    [b, L, d], with the block's ``kwargs`` per batch). Leaves the block's activation quantizers set
+    to the ratios found; the weights must still be float."""
+    quantizers = {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
+    for module in quantizers.values():
+        module.quantize_input = False
+    ratios: dict[str, float] = {}
+    for group in INPUT_GROUPS:
+        bits = act.bits_for(group[0])
+        if bits >= 16:
+            continue
+        per_batch = max(1, tokens // max(1, len(hidden)))
+        captured: list[torch.Tensor] = []
+
+        def capture(_module, args, _captured=captured, _count=per_batch):
+            rows = args[0].detach().reshape(-1, args[0].shape[-1])
+            _captured.append(_sample_rows([rows], _count).float())
+
+        # on the linear inside the wrapper: its input is after the online rotation, before the grid
+        handle = quantizers[group[0]].linear.register_forward_pre_hook(capture)
+        try:
+            for h, kw in zip(hidden, kwargs, strict=True):
+                block_forward(adapter, block, to_device(h, device, torch.float32), to_device(kw, device))
+        finally:
+            handle.remove()
+        x = _sample_rows(captured, tokens)
+        weights = [quantizers[role].linear.weight.detach().float() for role in group]
+        ratio = best_clip_ratio(x, weights, act, bits)
+        for role in group:
+            quantizers[role].set_quantization(act, bits, ratio)
+            ratios[role] = ratio
+    return ratios

@@ -1,0 +1,196 @@
+"""SpinQuant's learned rotations (arXiv 2405.16406): R1 and one R2 per block, optimized on the
+orthogonal manifold for the quantized network's loss.
+
+Any orthogonal R1 (and R2) leaves the float model's function unchanged (``edgeq.rotation.rotate``),
+but not the quantized one's: how evenly a rotation spreads each token's outliers over the channels
+decides what its 4-bit per-token grid loses. So the rotations are fitted, starting from the
+randomized Hadamard matrices, to minimize
+
+    L(R1, R2_1 … R2_n) = CE(model with W'_i = Q_w(rotated W_i) and inputs Q_a(x)),
+
+the next-token cross-entropy of the model whose block linears use the rotated weights on their
+weight grid and whose activations go through the per-token grid of the scheme (R4's online
+Hadamard in place), on calibration windows. Round-to-nearest has no useful derivative, so both
+quantizers pass the gradient straight through (STE): ∂Q(x)/∂x = I.
+
+Cayley SGD (Li, Li & Todorovic, ICLR 2020) keeps every iterate orthogonal. With G = ∂L/∂R, the
+skew-symmetric A = G Rᵀ − R Gᵀ gives the Riemannian gradient A·R (canonical metric); momentum M
+accumulates A, and the step is the Cayley transform of −αM,
+
+    R ← (I + α/2·M)⁻¹ (I − α/2·M) R,     α = min(lr_t, 1 / ‖M‖_F),
+
+orthogonal for any α (the cap keeps one step's rotation angle bounded); lr_t decays linearly from
+the configured rate to 0 over the steps, so the last iterates settle despite the STE's noise. The learned matrices are
+projected back to the nearest orthogonal ones in float64 (polar factor) and then fused exactly as
+the Hadamard ones: the exported graph does not change shape.
+
+Training runs on a float copy of the whole model in memory (the loss is end to end); KV cache
+quantization is left out of the objective. Learnable per-channel scales (OSTQuant/FlatQuant) are
+not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from edgeq.config import QuantConfig
+from edgeq.models.adapters import ATTN_INPUT_ROLES, LINEAR_ROLES, MLP_INPUT_ROLES, Adapter
+from edgeq.quant.grid import rtn_quantize
+from edgeq.rotation.rotate import RotationPlan, add_block_down_proj_rotation, fold_block_norms
+
+
+@dataclass
+class LearningLog:
+    """What the optimization did: the loss of every step and the seconds it took."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def cayley(omega: torch.Tensor) -> torch.Tensor:
+    """(I − Ω/2)⁻¹ (I + Ω/2) for a skew-symmetric Ω [n, n]: an orthogonal matrix."""
+    eye = torch.eye(omega.shape[0], dtype=omega.dtype, device=omega.device)
+    return torch.linalg.solve(eye - omega / 2, eye + omega / 2)
+
+
+def cayley_sgd_step(
+    r: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, lr: float, beta: float = 0.9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Cayley SGD step on an orthogonal r [n, n] with Euclidean gradient ``grad`` [n, n] and
+    skew momentum ``momentum`` [n, n]; returns (new r, new momentum)."""
+    a = grad @ r.T - r @ grad.T
+    momentum = beta * momentum + a
+    alpha = min(lr, 1.0 / (float(momentum.norm()) + 1e-12))
+    return cayley(-alpha * momentum) @ r, momentum
+
+
+def nearest_orthogonal(r: torch.Tensor) -> torch.Tensor:
+    """The polar factor U Vᵀ of r = U S Vᵀ, in float64: float32 drift removed before fusing."""
+    u, _, vh = torch.linalg.svd(r.double())
+    return u @ vh
+
+
+def fake_quant_weight(w: torch.Tensor, grid) -> torch.Tensor:
+    """w on its grid (``WeightQuantConfig``), round to nearest, with a straight-through gradient."""
+    q = rtn_quantize(w.detach(), grid).dequantize().to(w.dtype)
+    return w + (q - w).detach()
+
+
+class RotatedWeight(nn.Module):
+    """The parametrization W ↦ Q_w(W R1) for the linears reading the residual stream (side "in"),
+    Q_w(R1ᵀ W) for those writing it (side "out"), with value heads' rows (v_proj: R2ᵀ W_h) or
+    o_proj's per-head columns (W_o,h R2) rotated by ``r2`` [hd, hd]. r1 and r2 are Parameters
+    shared by every linear that uses them; W is the float weight [out, in], its norm folded in."""
+
+    def __init__(self, grid, r1: nn.Parameter | None, side: str | None, r2: nn.Parameter | None,
+                 role: str) -> None:  # fmt: skip
+        super().__init__()
+        self.grid, self.side, self.role = grid, side, role
+        self.r1, self.r2 = r1, r2
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.r1 is not None and self.side == "in":
+            w = w @ self.r1
+        elif self.r1 is not None and self.side == "out":
+            w = self.r1.T @ w
+        if self.r2 is not None and self.role == "v":
+            hd = self.r2.shape[0]
+            w = (self.r2.T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
+        elif self.r2 is not None and self.role == "o":
+            hd = self.r2.shape[0]
+            w = (w.reshape(w.shape[0], -1, hd) @ self.r2).reshape(w.shape)
+        return fake_quant_weight(w, self.grid)
+
+
+def install_objective(
+    model: nn.Module, adapter: Adapter, quant: QuantConfig, plan: RotationPlan,
+    r1: nn.Parameter | None, r2: list[nn.Parameter],
+) -> list[torch.utils.hooks.RemovableHandle]:  # fmt: skip
+    """Make ``model`` (float, in memory; changed in place) compute the objective's quantized
+    network: block norms folded, R4 fused and online, activation quantizers on (KV cache float),
+    every block linear's weight parametrized by the rotations (``RotatedWeight``); R1 applied to the
+    embedding's output and undone at the final norm's input, so lm_head stays as it is (it is not
+    in the objective). Returns the hooks' handles."""
+    act = dataclasses.replace(quant.activations, kv_bits=16)
+    for i, block in enumerate(adapter.blocks(model)):
+        fold_block_norms(block, adapter)
+        if plan.r4 is not None:
+            add_block_down_proj_rotation(block, adapter, plan.r4)
+        for role in LINEAR_ROLES:
+            adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
+        for role, linear in adapter.linears(block).items():
+            side = "in" if role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES) else "out"
+            head_r = r2[i] if r2 and role in ("v", "o") else None
+            grid = quant.weights_for(adapter.linear_name(i, role))
+            parametrize.register_parametrization(
+                linear, "weight", RotatedWeight(grid, r1, side, head_r, role), unsafe=True
+            )
+    if r1 is None:
+        return []
+    return [
+        adapter.embedding(model).register_forward_hook(lambda _m, _a, out: out @ r1),
+        adapter.final_norm(model).register_forward_pre_hook(lambda _m, args: (args[0] @ r1.T, *args[1:])),
+    ]
+
+
+def learn_rotations(
+    model: nn.Module, adapter: Adapter, quant: QuantConfig, plan: RotationPlan, calibration_ids: torch.Tensor,
+    progress: bool = True,
+) -> tuple[RotationPlan, LearningLog]:  # fmt: skip
+    """Fit ``plan``'s R1 and R2 (one per block, each starting from the plan's matrix) with Cayley
+    SGD on the quantized network's loss over ``calibration_ids`` [N, L] (``quant.rotation``: steps,
+    samples, lr). ``model`` is a float copy of the whole model in memory and is consumed (its blocks
+    are changed). Returns the plan with the learned matrices (float64) and the log."""
+    config = quant.rotation
+    log = LearningLog()
+    if plan.r1 is None and plan.r2 is None:
+        return plan, log
+    start = time.perf_counter()
+    count = len(adapter.blocks(model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    r1 = nn.Parameter(plan.r1.float()) if plan.r1 is not None else None
+    r2 = [nn.Parameter(plan.r2.float().clone()) for _ in range(count)] if plan.r2 is not None else []
+    learned = [p for p in (r1, *r2) if p is not None]
+    handles = install_objective(model, adapter, quant, plan, r1, r2)
+    momenta = [torch.zeros_like(p) for p in learned]
+    windows = calibration_ids[: max(1, config.samples)]
+    model.train(False)
+    try:
+        bar = tqdm(range(config.steps), desc="learn rotations", unit="step", disable=not progress)
+        for step in bar:
+            ids = windows[step % windows.shape[0]][None]
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, learned)
+            lr = config.lr * (1 - step / config.steps)  # linear decay: the last steps settle
+            with torch.no_grad():
+                for k, (p, g) in enumerate(zip(learned, grads, strict=True)):
+                    new, momenta[k] = cayley_sgd_step(p.data, g, momenta[k], lr)
+                    p.data.copy_(new)
+            log.losses.append(loss.item())
+            bar.set_postfix(loss=f"{log.losses[-1]:.3f}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    log.seconds = time.perf_counter() - start
+    how = f"learned: Cayley SGD, {config.steps} steps on {windows.shape[0]} windows, from the "
+    applied = dict(plan.report.applied)
+    if r1 is not None:
+        applied["r1"] = how + plan.report.applied["r1"]
+    if r2:
+        applied["r2"] = how + plan.report.applied["r2"] + ", one per block"
+    report = dataclasses.replace(plan.report, applied=applied)
+    return dataclasses.replace(
+        plan,
+        report=report,
+        r1=nearest_orthogonal(r1.detach()) if r1 is not None else None,
+        r2=None,
+        r2_blocks=[nearest_orthogonal(r.detach()) for r in r2] or None,
+    ), log
