@@ -23,7 +23,12 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio
     asymmetric: codes in [0, 2^b − 1], range [clip · min(x, 0), clip · max(x, 0)], integer zero point.
     A row of zeros stays zeros.
     """
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs: grid math in float32
+    # half inputs: grid math in float32. Not ``x.to(float32)`` on a float32 x: that returns x itself,
+    # and when the ONNX exporter traces this forward, the tracer then records every later use of x
+    # (the next linear reading the same input) as reading a Cast made here, so q/k/v's quantizers
+    # read three different tensors and ``exporters.onnx_qdq.share_activation_qdq`` cannot merge them
+    wide = torch.promote_types(x.dtype, torch.float32)
+    xf = x if x.dtype == wide else x.to(wide)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = xf.abs().amax(dim=-1, keepdim=True) * (clip_ratio / qmax)  # ONNX graphs: same order

@@ -430,6 +430,8 @@ def run_export(
             info = writer.finish(result.weights)
         if info.not_fused:
             log.info("ort format in optimum's graph, not the fused one: %s", "; ".join(info.not_fused))
+        if info.merged_nodes:
+            log.info("%d duplicate nodes merged (one activation Q/DQ per shared input)", info.merged_nodes)
         del writer  # the ONNX sessions below get the memory the tables held
         gc.collect()
         trim_heap()
@@ -467,6 +469,7 @@ def run_export(
                 "not_fused": list(info.not_fused),
                 "opset": config.onnx_opset,
                 "quantized_weights": info.replaced_weights,
+                "merged_duplicate_nodes": info.merged_nodes,
             },
             "quantization": {
                 "layers": [dataclasses.asdict(s) for s in result.layers],

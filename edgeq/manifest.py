@@ -282,7 +282,8 @@ def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], gr
         down_note = f" (down_proj's input: int{down})" if down is not None else ""
         notes.append(
             f"- **Activations**: int{abits}{down_note}, per token, as dynamic `QuantizeLinear → "
-            "DequantizeLinear` pairs on the input of every block linear. ONNX Runtime *emulates* them "
+            "DequantizeLinear` pairs on the inputs of the block linears, one per tensor (q/k/v share "
+            "theirs, as do gate/up). ONNX Runtime *emulates* them "
             "in float (it has no int4 × int4 kernel): the numbers are the quantized model's, the speed "
             "is not. NPU toolchains that consume QDQ graphs run them in integers."
         )

@@ -53,6 +53,7 @@ from exporters.onnx_qdq import (
     OnnxExportInfo,
     component_bytes,
     export_decoder_with_past,
+    merge_duplicate_nodes,
     narrow_activation_qdq,
     onnx_bytes,
     raise_opset_for_int2,
@@ -483,6 +484,9 @@ class BlockTraceWriter:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         graph_model = helper.make_model(stitched, opset_imports=opsets, producer_name="edgeq")
         graph_model.ir_version = outer_model.ir_version
+        # after the stitch, not per shell: a block's nodes must keep their own names until
+        # extract_layer has taken them out (a merge could make them read the shell's outer tensors)
+        merged = merge_duplicate_nodes(graph_model)
         raise_opset_for_int2(graph_model)
         path = self.out_dir / MODEL_FILE
         onnx.save_model(graph_model, str(path))
@@ -492,4 +496,5 @@ class BlockTraceWriter:
             self.model.generation_config.save_pretrained(self.out_dir)
         not_fused = self.not_fused if self.fmt == "ort" else ()
         sizes = component_bytes(graph_model)
-        return OnnxExportInfo(path, self.replaced, onnx_bytes(self.out_dir), True, sizes, not_fused=not_fused)
+        return OnnxExportInfo(path, self.replaced, onnx_bytes(self.out_dir), True, sizes, not_fused=not_fused,
+                              merged_nodes=merged)  # fmt: skip

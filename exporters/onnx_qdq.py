@@ -43,7 +43,8 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 class OnnxExportInfo:
     """What was written. replaced_weights: integer weight nodes in the graph (the fused graph's one
     q/k/v matmul counts once); graph: "optimum" (the traced export) or "fused" (``ort_fused``);
-    not_fused: why the ort format could not use the fused graph."""
+    not_fused: why the ort format could not use the fused graph; merged_nodes: duplicate nodes removed
+    (``merge_duplicate_nodes``: the activation quantizers the linears reading one input shared)."""
 
     path: Path
     replaced_weights: int
@@ -52,6 +53,7 @@ class OnnxExportInfo:
     components: dict[str, int]  # initializer bytes: embedding, blocks, lm_head
     graph: str = "optimum"
     not_fused: tuple[str, ...] = ()
+    merged_nodes: int = 0  # duplicate nodes removed by ``merge_duplicate_nodes``
 
 
 def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
@@ -285,6 +287,126 @@ def narrow_activation_qdq(graph_model: onnx.ModelProto) -> int:
     return len(dropped)
 
 
+# Operators whose outputs are not a function of their inputs and attributes: two of them with equal
+# inputs still compute different values, so they are never merged.
+_NONDETERMINISTIC = frozenset(
+    {"Bernoulli", "Dropout", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform",
+     "RandomUniformLike"}
+)  # fmt: skip
+_STANDARD_DOMAINS = ("", "ai.onnx")  # other domains' operators are not known to be pure
+_SUBGRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _tensor_key(tensor: onnx.TensorProto) -> tuple:
+    """A tensor by value: type, shape and the bytes of its elements, whatever its name and however
+    they are stored (raw_data or the typed fields). Strings and external data: by their serialized
+    form without the name (equal tensors may then look different, which only misses a merge)."""
+    if tensor.data_type != TensorProto.STRING and tensor.data_location != TensorProto.EXTERNAL:
+        return (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name, copy.doc_string = "", ""
+    return (tensor.data_type, copy.SerializeToString(deterministic=True))
+
+
+def _attribute_key(attr: onnx.AttributeProto) -> tuple:
+    """An attribute by name, type and value (tensors by value, see ``_tensor_key``); its doc_string,
+    which changes nothing, left out."""
+    if attr.type == onnx.AttributeProto.TENSOR:
+        return (attr.name, attr.type, _tensor_key(attr.t))
+    copy = onnx.AttributeProto()
+    copy.CopyFrom(attr)
+    copy.doc_string = ""
+    return (attr.name, attr.type, copy.SerializeToString(deterministic=True))
+
+
+def _node_key(node: onnx.NodeProto) -> tuple | None:
+    """What decides the values a node computes: its operator (domain, type, overload), its inputs
+    by name, its attributes by value, and which of its optional outputs it makes (a node that makes
+    fewer cannot stand in for one that makes more). None for a node that must not be merged: one of
+    another domain, a random one, or one with a subgraph (If, Loop, Scan: its body may read names
+    from the graph around it)."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if domain not in _STANDARD_DOMAINS or node.op_type in _NONDETERMINISTIC:
+        return None
+    if any(attr.type in _SUBGRAPH_TYPES for attr in node.attribute):
+        return None
+    attrs = tuple(sorted(_attribute_key(attr) for attr in node.attribute))
+    made = tuple(bool(name) for name in node.output)
+    return (domain, node.op_type, node.overload, tuple(node.input), attrs, made)
+
+
+def _names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node inside a subgraph of ``graph`` reads (at any depth): such a tensor keeps its
+    producer, since the merge rewires only the top-level graph's inputs."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies if attr.type in _SUBGRAPH_TYPES else []:
+                names |= {name for inner in body.node for name in inner.input}
+                names |= _names_read_by_subgraphs(body)
+    return names
+
+
+def _merge_once(graph: onnx.GraphProto, kept_names: set[str]) -> int:
+    """One pass of ``merge_duplicate_nodes`` in graph order: each node's inputs are rewired to the
+    merged names first, so a chain of duplicates (Abs → ReduceMax → Mul → … → QuantizeLinear →
+    DequantizeLinear) collapses in one pass of a topologically sorted graph. Returns how many nodes
+    were removed."""
+    first_of: dict[tuple, onnx.NodeProto] = {}
+    renamed: dict[str, str] = {}
+    kept, removed = [], []
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        key = _node_key(node)
+        original = first_of.setdefault(key, node) if key is not None else node
+        if original is node or any(name in kept_names for name in node.output):
+            kept.append(node)
+            continue
+        for mine, theirs in zip(node.output, original.output, strict=True):
+            if mine:
+                renamed[mine] = theirs
+        removed.append(node)
+    if not removed:
+        return 0
+    for node in kept:  # a graph out of topological order may read a name before it was merged
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    stale = [vi for vi in graph.value_info if vi.name in renamed]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(removed)
+
+
+def merge_duplicate_nodes(graph_model: onnx.ModelProto) -> int:
+    """Common-subexpression elimination: of the nodes that compute the same values (same operator and
+    domain, the same inputs, equal attributes, Constant nodes compared by value), the first is kept
+    and the others' consumers read its outputs; repeated until nothing merges. Returns how many nodes
+    were removed.
+
+    Why: each ``edgeq.activations.QuantInputLinear`` traces its own per-token activation quantizer,
+    so the linears reading one tensor (q/k/v, gate/up) each get an identical ReduceMax → … →
+    QuantizeLinear → DequantizeLinear chain on it. NPU toolchains expect one Q/DQ pair per tensor,
+    shared by its consumers; after this pass a block has four (attention input, o_proj input, MLP
+    input, down_proj input). The merged nodes computed the same values, so the graph's outputs are
+    bit for bit the same.
+
+    Only what is safe merges: operators of the standard ONNX domain that are functions of their
+    inputs (not the random ones, not those with subgraphs); a node making a graph output stays (its
+    name is the graph's interface), as does one whose output a subgraph reads. Weight
+    DequantizeLinear nodes read distinct initializers, so each keeps its one MatMul, the pattern
+    ``exporters.ort_matmulnbits`` converts. Removing a duplicate leaves nothing else unused: its
+    inputs are its original's."""
+    graph = graph_model.graph
+    kept_names = {vi.name for vi in graph.output} | _names_read_by_subgraphs(graph)
+    total = 0
+    while removed := _merge_once(graph, kept_names):
+        total += removed
+    return total
+
+
 def _tensor_bytes(init: onnx.TensorProto) -> int:
     if init.HasField("raw_data") or init.data_location == TensorProto.EXTERNAL:
         ext = {e.key: e.value for e in init.external_data}
@@ -363,10 +485,11 @@ def qdq_from_trace(
     replaced = replace_weights_with_qdq(graph_model, weights, tables)
     share_tied_table(graph_model)
     narrow_activation_qdq(graph_model)
+    merged = merge_duplicate_nodes(graph_model)  # one activation Q/DQ pair per shared input
     for extra in fp_path.parent.iterdir():
         if extra.suffix == ".json" and not (out_dir / extra.name).exists():
             shutil.copy2(extra, out_dir / extra.name)
-    return write_model(graph_model, out_dir, replaced)
+    return write_model(graph_model, out_dir, replaced, merged)
 
 
 def onnx_bytes(folder: Path) -> int:
@@ -374,13 +497,18 @@ def onnx_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
 
 
-def write_model(graph_model: onnx.ModelProto, out_dir: Path, replaced: int) -> OnnxExportInfo:
+def write_model(
+    graph_model: onnx.ModelProto, out_dir: Path, replaced: int, merged_nodes: int = 0
+) -> OnnxExportInfo:
     """Save ``out_dir/model.onnx`` (replacing any earlier one and its external data), check it with
-    ``onnx.checker`` (full_check) and describe it."""
+    ``onnx.checker`` (full_check) and describe it (``merged_nodes``: what ``merge_duplicate_nodes``
+    removed)."""
     path = out_dir / MODEL_FILE
     (out_dir / EXTERNAL_DATA_FILE).unlink(missing_ok=True)
     raise_opset_for_int2(graph_model)
     external = save_onnx(graph_model, path)
     onnx.checker.check_model(str(path), full_check=True)
     total = onnx_bytes(out_dir)
-    return OnnxExportInfo(path, replaced, total, external, component_bytes(graph_model))
+    return OnnxExportInfo(
+        path, replaced, total, external, component_bytes(graph_model), merged_nodes=merged_nodes
+    )

@@ -230,4 +230,4 @@ def to_matmulnbits(info: OnnxExportInfo, accuracy_level: int = DEFAULT_ACCURACY_
     replaced = convert_to_matmulnbits(model, accuracy_level)
     if replaced != info.replaced_weights:
         raise EdgeqError(f"only {replaced} of {info.replaced_weights} integer weights became MatMulNBits")
-    return write_model(model, info.path.parent, replaced)
+    return write_model(model, info.path.parent, replaced, info.merged_nodes)
