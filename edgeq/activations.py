@@ -118,7 +118,9 @@ class QuantInputLinear(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quantize_input:
-            x = PerTokenFakeQuant.apply(x, self.bits, self.symmetric, self.clip_ratio, self.linear.in_features)
+            x = PerTokenFakeQuant.apply(
+                x, self.bits, self.symmetric, self.clip_ratio, self.linear.in_features
+            )
         return self.linear(x)
 
 
