@@ -21,7 +21,7 @@ Abs → ReduceMax → Mul(clip / qmax) = scale → QuantizeLinear(int4 | int8) �
 block over the last axis (asymmetric: the range, scale and zero point from ReduceMax / ReduceMin;
 ``_fake_quant_per_token``). In float32; a float16 graph casts there and back.
 {R4}: the online Hadamard on down_proj's input, Reshape → MatMul per Kronecker factor → Reshape
-(SmolLM2's 1536 = 12 · 128: two small products; ``_kronecker_rotation``).
+(SmolLM2's 1536 = 48 · 32: two small products; ``_kronecker_rotation``, ``graph_factors``).
 
 [...]: Gemma3 only. Its embedding is scaled at the Gather output (the table stays the one a tied
 lm_head reads); its post-attention and post-feedforward norms (``adapter.branch_norms``) norm the
@@ -65,7 +65,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.activations import QuantInputLinear
 from edgeq.models.adapters import Adapter
 from edgeq.quant.grid import QuantizedWeight, concat_rows
-from edgeq.rotation.hadamard import OnlineRotation
+from edgeq.rotation.hadamard import OnlineRotation, sylvester
 from exporters.onnx_qdq import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_FILE,
@@ -257,27 +257,62 @@ def shared_input_grid(wrappers: dict[str, QuantInputLinear | None]) -> InputGrid
     return next(iter(grids.values()))
 
 
-def graph_factors(factors: list[np.ndarray], scale: float, width: int, max_size: int) -> list[np.ndarray]:
-    """The matrices the graph multiplies by for x ↦ x · (F_1 ⊗ … ⊗ F_j)ᵀ · scale of width ``width``:
-    adjacent factors merged (Kronecker product) while the product stays ≤ max_size and below the
-    width (never the dense width × width matrix), one op pair per remaining factor; the scale folded
-    into the first, which saves a Mul (its entries ±scale are each one rounding from torch's
-    product-then-scale)."""
-    merged = [np.asarray(factors[0], np.float64)]
-    for f in factors[1:]:
-        size = merged[-1].shape[0] * f.shape[0]
-        if size <= max_size and size < width:
-            merged[-1] = np.kron(merged[-1], np.asarray(f, np.float64))
+# What one more factor product costs at decode beyond its multiply-adds, in multiply-add equivalents:
+# a Reshape and a MatMul launch, measured on ORT 1.32's CPU provider at SmolLM2's width (1536 as
+# 48 · 32: 5 µs a rotation; 12 · 128: 6 µs; 12 · 16 · 8: 11 µs; 12 · 64 · 2, the factors as
+# hadamard_transform splits them: 28 µs). Also at prefill 48 · 32 is the cheapest (0.35 ms per
+# 128 tokens against 0.6 ms for 12 · 128).
+FACTOR_OVERHEAD_MACS = 300_000
+
+
+def _atoms(factors: list[np.ndarray]) -> list[np.ndarray]:
+    """The factors with each Sylvester matrix of order 2^a split into a copies of H_2 (Sylvester's
+    H_2n is H_2 ⊗ H_n, so they can be regrouped freely); any other factor kept whole."""
+    atoms = []
+    for f in factors:
+        k = f.shape[0]
+        if k > 2 and k & (k - 1) == 0 and np.array_equal(f, sylvester(k).double().numpy()):
+            atoms += [sylvester(2).double().numpy()] * (k.bit_length() - 1)
         else:
-            merged.append(np.asarray(f, np.float64))
+            atoms.append(np.asarray(f, np.float64))
+    return atoms
+
+
+def _grouping(sizes: list[int], width: int, overhead: int) -> list[int]:
+    """How many consecutive atoms (orders ``sizes``) each product takes, for the least cost:
+    width · (order of the group) multiply-adds per token and group, plus ``overhead`` per group. A
+    group never spans all atoms (that would be the dense width × width matrix) unless there is one."""
+    best: list[tuple[float, list[int]]] = [(0.0, [])]  # best[i]: the first i atoms
+    for end in range(1, len(sizes) + 1):
+        options = []
+        for start in range(end):
+            order = int(np.prod(sizes[start:end]))
+            if order >= width and len(sizes) > 1:
+                continue
+            cost, groups = best[start]
+            options.append((cost + width * order + overhead, [*groups, end - start]))
+        best.append(min(options, key=lambda o: o[0]))
+    return best[-1][1]
+
+
+def graph_factors(
+    factors: list[np.ndarray], scale: float, width: int, overhead: int = FACTOR_OVERHEAD_MACS
+) -> list[np.ndarray]:
+    """The matrices the graph multiplies by for x ↦ x · (F_1 ⊗ … ⊗ F_j)ᵀ · scale of width ``width``:
+    the Kronecker factors regrouped (Sylvester factors split into H_2s, consecutive ones multiplied
+    together, ``_grouping``) so that the per-token multiply-adds and the op pairs cost least, never
+    the dense width × width matrix; the scale folded into the first, which saves a Mul (its entries
+    ±scale are each one rounding from torch's product-then-scale)."""
+    atoms = _atoms(factors)
+    merged, start = [], 0
+    for count in _grouping([a.shape[0] for a in atoms], width, overhead):
+        group = atoms[start]
+        for atom in atoms[start + 1 : start + count]:
+            group = np.kron(group, atom)
+        merged.append(group)
+        start += count
     merged[0] = merged[0] * scale
     return [m.astype(np.float32) for m in merged]
-
-
-# Adjacent Hadamard factors up to this order are multiplied into one graph constant: at decode a
-# 128-wide matmul costs less than the Reshape and MatMul a further factor adds (SmolLM2's 1536 =
-# 12 · 64 · 2 becomes 12 · 128: two products, not three)
-GRAPH_FACTOR = 128
 
 
 def _kronecker_rotation(
@@ -290,7 +325,7 @@ def _kronecker_rotation(
     product of the later factors' orders. exact: constants stay float32 (a float16 graph that
     rotates in float32 before the quantizer)."""
     buffers = [getattr(rotation, f"factor{i}").detach().double().numpy() for i in range(rotation.num_factors)]
-    factors = graph_factors(buffers, rotation.scale, width, GRAPH_FACTOR)
+    factors = graph_factors(buffers, rotation.scale, width)
     *earlier, last = factors
     if not earlier:  # one factor (the dense random-orthogonal fallback): a plain product
         return g.op("MatMul", [x, g.constant(f"{name}.factor0_T", last.T.copy(), exact)])

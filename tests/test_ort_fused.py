@@ -19,7 +19,6 @@ from edgeq.rotation.hadamard import OnlineRotation, hadamard_transform
 from edgeq.rotation.rotate import plan_rotations, rotate_model
 from exporters import export_onnx, graph_writer
 from exporters.ort_fused import (
-    GRAPH_FACTOR,
     KV_OPS,
     ONLINE_OPS,
     FusedDecoderWriter,
@@ -395,17 +394,21 @@ def test_the_ort_export_path_chooses_the_fused_graph_for_w4a4_with_a_float_kv_ca
         assert blockers == [KV_OPS] and not isinstance(writer, FusedDecoderWriter)
 
 
-def test_graph_factors_merge_small_hadamards_and_never_the_dense_matrix():
-    """SmolLM2's R4 (1536 = 12 · 64 · 2) is written as two products, 12 and 128 wide, whose
-    Kronecker product with the scale folded in is the transform; the tiny model's 96 = 12 · 8 keeps
-    its two factors (merged they would be the dense 96 × 96 matrix)."""
+def test_graph_factors_regroup_the_hadamard_and_never_write_the_dense_matrix():
+    """SmolLM2's R4 (1536 = 12 · 64 · 2) is written as two products, 48 and 32 wide (the Sylvester
+    part regrouped: 12 · 2 · 2 and 2^5), whose Kronecker product with the scale folded in is the
+    transform; the tiny model's 96 = 12 · 8 keeps two (merged they would be the dense matrix)."""
     transform = hadamard_transform(1536)
     factors = [f.numpy() for f in transform.factors]
     assert [f.shape[0] for f in factors] == [12, 64, 2]
-    merged = graph_factors(factors, transform.scale, 1536, GRAPH_FACTOR)
-    assert [f.shape[0] for f in merged] == [12, 128]
+    merged = graph_factors(factors, transform.scale, 1536)
+    assert [f.shape[0] for f in merged] == [48, 32]
     dense = transform.matrix().numpy()
     np.testing.assert_allclose(np.kron(merged[0].astype(np.float64), merged[1]), dense, atol=1e-7)
     small = hadamard_transform(96)
-    kept = graph_factors([f.numpy() for f in small.factors], small.scale, 96, GRAPH_FACTOR)
+    kept = graph_factors([f.numpy() for f in small.factors], small.scale, 96)
     assert [f.shape[0] for f in kept] == [12, 8]
+    # one factor (the random-orthogonal fallback) stays the one dense product it is
+    assert [f.shape[0] for f in graph_factors([np.eye(10)], 1.0, 10)] == [10]
+    # no per-op overhead: the least multiply-adds (12 + 7 · 2 per element; H_4 costs what two H_2 do)
+    assert sum(f.shape[0] for f in graph_factors(factors, 1.0, 1536, overhead=0)) == 12 + 7 * 2
