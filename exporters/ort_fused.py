@@ -20,8 +20,9 @@ directly from the adapter with ORT's contrib operators, as ORT's own model build
 Abs → ReduceMax → Mul(clip / qmax) = scale → QuantizeLinear(int4 | int8) → DequantizeLinear, one
 block over the last axis (asymmetric: the range, scale and zero point from ReduceMax / ReduceMin;
 ``_fake_quant_per_token``). In float32; a float16 graph casts there and back.
-{R4}: the online Hadamard on down_proj's input, Reshape → MatMul per Kronecker factor → Reshape
-(SmolLM2's 1536 = 48 · 32: two small products; ``_kronecker_rotation``, ``graph_factors``).
+{R4}: the online Hadamard on down_proj's input: Reshape into a [.., k_1, k_2] view, one MatMul per
+regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
+``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4).
 
 [...]: Gemma3 only. Its embedding is scaled at the Gather output (the table stays the one a tied
 lm_head reads); its post-attention and post-feedforward norms (``adapter.branch_norms``) norm the
@@ -335,8 +336,9 @@ def _kronecker_rotation(
     rest = k
     for i in reversed(range(len(earlier))):
         k = earlier[i].shape[0]
-        view = [0, 0, k, rest] if i == 0 else [0, 0, -1, k, rest]
-        y = g.op("Reshape", [y, g.constant(f"{name}.view{i}", np.array(view))])
+        if len(earlier) > 1:  # with two factors the first view [.., k_1, k_2] is already this one
+            view = [0, 0, k, rest] if i == 0 else [0, 0, -1, k, rest]
+            y = g.op("Reshape", [y, g.constant(f"{name}.view{i}", np.array(view))])
         y = g.op("MatMul", [g.constant(f"{name}.factor{i}", earlier[i], exact), y])
         rest *= k
     return g.op("Reshape", [y, g.constant(f"{name}.flat", np.array([0, 0, width]))])

@@ -345,6 +345,7 @@ def test_w4a4_fused_graph_quantizes_each_input_once(symmetric, tmp_path):
     assert ops["Round"] == (0 if symmetric else 4 * layers)  # asymmetric: the zero points
     assert ops["Where"] == ops["Clip"] == 0
     assert ops["MatMul"] == 2 * layers and ops["MatMulNBits"] == 5 * layers + 1  # + int8 lm_head
+    assert ops["Reshape"] == 2 * layers  # R4: into the [.., 12, 8] view and back
     width = model.config.intermediate_size
     assert not any(tuple(i.dims) == (width, width) for i in graph.initializer)
     # 4-bit codes everywhere but down_proj's input (8 bits); symmetric: int, asymmetric: uint
