@@ -26,7 +26,7 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio
     # half inputs: grid math in float32. Not ``x.to(float32)`` on a float32 x: that returns x itself,
     # and when the ONNX exporter traces this forward, the tracer then records every later use of x
     # (the next linear reading the same input) as reading a Cast made here, so q/k/v's quantizers
-    # read three different tensors and ``exporters.onnx_qdq.share_activation_qdq`` cannot merge them
+    # read three different tensors and ``exporters.onnx_qdq.merge_duplicate_nodes`` cannot merge them
     wide = torch.promote_types(x.dtype, torch.float32)
     xf = x if x.dtype == wide else x.to(wide)
     if symmetric:

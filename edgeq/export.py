@@ -352,9 +352,7 @@ def run_export(
     report["rotation"] = dataclasses.asdict(plan.report)
     for name, why in plan.report.skipped.items():
         log.info("rotation %s skipped: %s", name, why)
-    blockers = architecture_blockers(model.config, adapter) + scheme_blockers(
-        quant, plan.r3 is not None or plan.r4 is not None
-    )
+    blockers = architecture_blockers(model.config, adapter) + scheme_blockers(quant, plan.r3 is not None)
     graph_dtype = GRAPH_TORCH_DTYPES[config.dtype]
     ppl: dict[str, Any] = {}
     with atomic_folder(out, overwrite, reuse) as tmp:

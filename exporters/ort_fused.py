@@ -7,13 +7,22 @@ directly from the adapter with ORT's contrib operators, as ORT's own model build
 
     embedding   Gather (GatherBlockQuantized when the table is int4) [· embed_scale]
     per block   SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
-                MatMulNBits [W_Q; W_K; W_V]        one int4 matmul for the three
+                {A}  MatMulNBits [W_Q; W_K; W_V]   one int4 matmul for the three
                 [Split → RMSNorm of q, k per head] q_norm / k_norm before RoPE
                 GroupQueryAttention                RoPE (cos/sin from inv_freq), KV cache, causal softmax
                                                    (local_window_size on sliding-window layers)
-                MatMulNBits o_proj [→ RMSNorm] → SkipSimplifiedLayerNormalization
-                MatMulNBits gate, up → act(gate)·up → MatMulNBits down [→ RMSNorm]
+                {A} MatMulNBits o_proj [→ RMSNorm] → SkipSimplifiedLayerNormalization
+                {A} MatMulNBits gate, up → act(gate)·up → {R4} {A} MatMulNBits down [→ RMSNorm]
     final       SkipSimplifiedLayerNormalization → lm_head (MatMulNBits, or Gemm on a float table)
+
+{A}: per-token fake quantization of the linear's input where its QuantInputLinear quantizes it
+(W4A4), once per input: q/k/v share one, gate/up one, o_proj and down_proj have their own. Symmetric:
+Abs → ReduceMax → Mul(clip / qmax) = scale → QuantizeLinear(int4 | int8) → DequantizeLinear, one
+block over the last axis (asymmetric: the range, scale and zero point from ReduceMax / ReduceMin;
+``_fake_quant_per_token``). In float32; a float16 graph casts there and back.
+{R4}: the online Hadamard on down_proj's input: Reshape into a [.., k_1, k_2] view, one MatMul per
+regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
+``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4).
 
 [...]: Gemma3 only. Its embedding is scaled at the Gather output (the table stays the one a tied
 lm_head reads); its post-attention and post-feedforward norms (``adapter.branch_norms``) norm the
@@ -38,14 +47,15 @@ logits, present.N.key/value) without position_ids: GroupQueryAttention derives p
 attention mask (right padding only). Weights are written as DequantizeLinear → MatMul and then
 converted by ``ort_matmulnbits``, so both formats share one packing.
 
-What the fused operators cannot express (online Hadamards, quantized activations or KV cache,
-other MLP activations, softcapping, bidirectional attention, architectures the adapter marks) is
-reported by ``fused_graph_blockers``; the ort format then converts optimum's graph instead.
+What the fused operators cannot express (online rotations other than R4, a quantized or R3-rotated
+KV cache, other MLP activations, softcapping, bidirectional attention, architectures the adapter
+marks) is reported by ``fused_graph_blockers``; the ort format then converts optimum's graph instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +66,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.activations import QuantInputLinear
 from edgeq.models.adapters import Adapter
 from edgeq.quant.grid import QuantizedWeight, concat_rows
+from edgeq.rotation.hadamard import OnlineRotation, sylvester
 from exporters.onnx_qdq import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_FILE,
@@ -67,35 +78,44 @@ from exporters.onnx_qdq import (
 )
 from exporters.ort_matmulnbits import DEFAULT_ACCURACY_LEVEL, MS_DOMAIN, convert_to_matmulnbits
 
-ONLINE_OPS = "online rotations or quantized activations in front of the linears"
+ONLINE_OPS = "online rotations other than R4 on down_proj's input"
 KV_OPS = "quantized or rotated KV cache"
+# The roles whose online rotation the graph writes (R4: a factored Hadamard on down_proj's input)
+ROTATED_INPUT_ROLES = ("down",)
+
+
+def unwritten_rotations(adapter: Adapter, block) -> list[str]:
+    """The roles of ``block`` whose input has an online rotation the fused graph does not write:
+    any role but down_proj's, or a rotation that is not a factored ``OnlineRotation``."""
+    roles = []
+    for role in adapter.linears(block):
+        wrapper = adapter.wrapped_input(block, role)
+        rotation = wrapper.rotation if wrapper is not None else None
+        if rotation is not None and (
+            role not in ROTATED_INPUT_ROLES or not isinstance(rotation, OnlineRotation)
+        ):
+            roles.append(role)
+    return roles
 
 
 def fused_graph_blockers(model, adapter: Adapter) -> list[str]:
     """Why ``model`` (held in memory, as quantized) cannot be written as the fused graph (empty: it
-    can)."""
+    can). Per-token quantized activations and R4 are written (``FusedDecoderWriter``); any other
+    online rotation and a quantized or rotated (R3) KV cache are not."""
     reasons = architecture_blockers(model.config, adapter)
-    for module in model.modules():
-        if isinstance(module, QuantInputLinear) and (module.rotation is not None or module.quantize_input):
-            reasons.append(ONLINE_OPS)
-            break
-    for block in adapter.blocks(model):
-        if hasattr(adapter.attention(block), "edgeq_kv"):
-            reasons.append(KV_OPS)
-            break
-    return reasons
-
-
-def scheme_blockers(quant, online_rotations: bool) -> list[str]:
-    """What a quantization config (``edgeq.config.QuantConfig``) adds to the graph that the fused
-    operators cannot express, known before any block is quantized; online_rotations: whether R3/R4
-    will be applied."""
-    reasons = []
-    if online_rotations or quant.activations.enabled:
+    blocks = adapter.blocks(model)
+    if any(unwritten_rotations(adapter, block) for block in blocks):
         reasons.append(ONLINE_OPS)
-    if quant.activations.kv_bits < 16:
+    if any(hasattr(adapter.attention(block), "edgeq_kv") for block in blocks):
         reasons.append(KV_OPS)
     return reasons
+
+
+def scheme_blockers(quant, query_key_rotation: bool) -> list[str]:
+    """What a quantization config (``edgeq.config.QuantConfig``) adds to the graph that the fused
+    operators cannot express, known before any block is quantized; query_key_rotation: whether R3
+    will be applied (R4 and quantized activations are written)."""
+    return [KV_OPS] if quant.activations.kv_bits < 16 or query_key_rotation else []
 
 
 def architecture_blockers(config, adapter: Adapter) -> list[str]:
@@ -204,6 +224,182 @@ MLP_ACTIVATIONS: dict[str, Callable[[_Graph, str], str]] = {
     "silu": lambda g, x: g.op("Mul", [x, g.op("Sigmoid", [x])]),
     "gelu_pytorch_tanh": lambda g, x: g.op("FastGelu", [x], domain=MS_DOMAIN),
 }
+
+
+@dataclass(frozen=True)
+class InputGrid:
+    """The per-token grid a linear's input is fake-quantized on (``fake_quant_per_token``)."""
+
+    bits: int
+    symmetric: bool
+    clip_ratio: float
+
+
+def input_grid(wrapper: QuantInputLinear | None) -> InputGrid | None:
+    """The grid of a wrapped linear's input; None where its input stays float."""
+    if wrapper is None or not wrapper.quantize_input:
+        return None
+    return InputGrid(wrapper.bits, wrapper.symmetric, float(wrapper.clip_ratio))
+
+
+def shared_input_grid(wrappers: dict[str, QuantInputLinear | None]) -> InputGrid | None:
+    """The one grid of linears that read one input (q/k/v, gate/up), so that the graph quantizes it
+    once; a ValueError where their settings differ or one of them rotates its input (not written:
+    ``fused_graph_blockers`` reports it)."""
+    rotated = [role for role, w in wrappers.items() if w is not None and w.rotation is not None]
+    if rotated:
+        raise ValueError(f"the fused graph writes no online rotation of the shared input of {rotated}")
+    grids = {role: input_grid(w) for role, w in wrappers.items()}
+    if len(set(grids.values())) > 1:
+        raise ValueError(
+            "linears reading one input must quantize it on one grid, so that the graph quantizes it "
+            f"once; got {grids}"
+        )
+    return next(iter(grids.values()))
+
+
+# What one more factor product costs at decode beyond its multiply-adds, in multiply-add equivalents:
+# a Reshape and a MatMul launch, measured on ORT 1.32's CPU provider at SmolLM2's width (1536 as
+# 48 · 32: 5 µs a rotation; 12 · 128: 6 µs; 12 · 16 · 8: 11 µs; 12 · 64 · 2, the factors as
+# hadamard_transform splits them: 28 µs). Also at prefill 48 · 32 is the cheapest (0.35 ms per
+# 128 tokens against 0.6 ms for 12 · 128).
+FACTOR_OVERHEAD_MACS = 300_000
+
+
+def _atoms(factors: list[np.ndarray]) -> list[np.ndarray]:
+    """The factors with each Sylvester matrix of order 2^a split into a copies of H_2 (Sylvester's
+    H_2n is H_2 ⊗ H_n, so they can be regrouped freely); any other factor kept whole."""
+    atoms = []
+    for f in factors:
+        k = f.shape[0]
+        if k > 2 and k & (k - 1) == 0 and np.array_equal(f, sylvester(k).double().numpy()):
+            atoms += [sylvester(2).double().numpy()] * (k.bit_length() - 1)
+        else:
+            atoms.append(np.asarray(f, np.float64))
+    return atoms
+
+
+def _grouping(sizes: list[int], width: int, overhead: int) -> list[int]:
+    """How many consecutive atoms (orders ``sizes``) each product takes, for the least cost:
+    width · (order of the group) multiply-adds per token and group, plus ``overhead`` per group. A
+    group never spans all atoms (that would be the dense width × width matrix) unless there is one."""
+    best: list[tuple[float, list[int]]] = [(0.0, [])]  # best[i]: the first i atoms
+    for end in range(1, len(sizes) + 1):
+        options = []
+        for start in range(end):
+            order = int(np.prod(sizes[start:end]))
+            if order >= width and len(sizes) > 1:
+                continue
+            cost, groups = best[start]
+            options.append((cost + width * order + overhead, [*groups, end - start]))
+        best.append(min(options, key=lambda o: o[0]))
+    return best[-1][1]
+
+
+def graph_factors(
+    factors: list[np.ndarray], scale: float, width: int, overhead: int = FACTOR_OVERHEAD_MACS
+) -> list[np.ndarray]:
+    """The matrices the graph multiplies by for x ↦ x · (F_1 ⊗ … ⊗ F_j)ᵀ · scale of width ``width``:
+    the Kronecker factors regrouped (Sylvester factors split into H_2s, consecutive ones multiplied
+    together, ``_grouping``) so that the per-token multiply-adds and the op pairs cost least, never
+    the dense width × width matrix; the scale folded into the first, which saves a Mul (its entries
+    ±scale are each one rounding from torch's product-then-scale)."""
+    atoms = _atoms(factors)
+    merged, start = [], 0
+    for count in _grouping([a.shape[0] for a in atoms], width, overhead):
+        group = atoms[start]
+        for atom in atoms[start + 1 : start + count]:
+            group = np.kron(group, atom)
+        merged.append(group)
+        start += count
+    merged[0] = merged[0] * scale
+    return [m.astype(np.float32) for m in merged]
+
+
+def _kronecker_rotation(
+    g: _Graph, x: str, name: str, rotation: OnlineRotation, width: int, exact: bool
+) -> str:
+    """x [b, s, n] → x · (F_1 ⊗ … ⊗ F_j)ᵀ · scale, what ``kronecker_apply`` computes, without
+    transposes: with x viewed row-major as [.., k_1, …, k_j], factor i acts on axis i alone. The last
+    factor is a right product on the view [.., n / k_j, k_j]; every earlier factor F_i a left
+    product (broadcast over the leading axes) on the view [.., n / (k_i · r), k_i, r], r the
+    product of the later factors' orders. exact: constants stay float32 (a float16 graph that
+    rotates in float32 before the quantizer)."""
+    buffers = [getattr(rotation, f"factor{i}").detach().double().numpy() for i in range(rotation.num_factors)]
+    factors = graph_factors(buffers, rotation.scale, width)
+    *earlier, last = factors
+    if not earlier:  # one factor (the dense random-orthogonal fallback): a plain product
+        return g.op("MatMul", [x, g.constant(f"{name}.factor0_T", last.T.copy(), exact)])
+    k = last.shape[0]
+    y = g.op("Reshape", [x, g.constant(f"{name}.view{len(earlier)}", np.array([0, 0, -1, k]))])
+    y = g.op("MatMul", [y, g.constant(f"{name}.factor{len(earlier)}_T", last.T.copy(), exact)])
+    rest = k
+    for i in reversed(range(len(earlier))):
+        k = earlier[i].shape[0]
+        if len(earlier) > 1:  # with two factors the first view [.., k_1, k_2] is already this one
+            view = [0, 0, k, rest] if i == 0 else [0, 0, -1, k, rest]
+            y = g.op("Reshape", [y, g.constant(f"{name}.view{i}", np.array(view))])
+        y = g.op("MatMul", [g.constant(f"{name}.factor{i}", earlier[i], exact), y])
+        rest *= k
+    return g.op("Reshape", [y, g.constant(f"{name}.flat", np.array([0, 0, width]))])
+
+
+def _fake_quant_per_token(g: _Graph, x: str, name: str, grid: InputGrid, width: int) -> str:
+    """What ``fake_quant_per_token`` computes on x [b, s, width] float32, as a dynamic
+    QuantizeLinear → DequantizeLinear pair with one block over the last axis: the pair is the
+    division, round half to even, clamp to the integer range and multiply of the PyTorch code in two
+    kernels (int4 / uint4 saturate to the 4-bit range, int8 / uint8 to the 8-bit one).
+
+    Symmetric: scale = max|x| · (clip / qmax), as torch computes it (5 ops). Asymmetric: hi =
+    max(x, 0) · clip, −lo = min(x, 0) · (−clip) (an exact negation), scale = (hi + (−lo)) / qmax and
+    zero point round(−lo / scale), each rounded as torch rounds it (13 ops).
+
+    torch guards the division with Where(scale > 0, scale, 1); the graph needs no guard: scale is 0
+    only on a row of zeros, where x / 0 saturates to some integer code (or the zero point is some
+    integer) and DequantizeLinear multiplies by the same scale 0, so the row stays zeros as in torch
+    (an integer code is always finite)."""
+    axes = g.constant(f"{name}.axes", np.array([-1]))
+    attrs = {"axis": -1, "block_size": width}
+    if grid.symmetric:
+        qmax = 2 ** (grid.bits - 1) - 1
+        code = {4: TensorProto.INT4, 8: TensorProto.INT8}[grid.bits]
+        amax = g.op("ReduceMax", [g.op("Abs", [x]), axes], keepdims=1)
+        step = g.constant(f"{name}.clip_over_qmax", np.array(grid.clip_ratio / qmax, np.float32), exact=True)
+        scale = g.op("Mul", [amax, step])
+        zero_point = []
+    else:
+        qmax = 2**grid.bits - 1
+        code = {4: TensorProto.UINT4, 8: TensorProto.UINT8}[grid.bits]
+        zero = g.constant(f"{name}.zero", np.array(0.0, np.float32), exact=True)
+        clip = g.constant(f"{name}.clip", np.array(grid.clip_ratio, np.float32), exact=True)
+        neg_clip = g.constant(f"{name}.neg_clip", np.array(-grid.clip_ratio, np.float32), exact=True)
+        hi = g.op("Mul", [g.op("Max", [g.op("ReduceMax", [x, axes], keepdims=1), zero]), clip])
+        neg_lo = g.op("Mul", [g.op("Min", [g.op("ReduceMin", [x, axes], keepdims=1), zero]), neg_clip])
+        levels = g.constant(f"{name}.qmax", np.array(float(qmax), np.float32), exact=True)
+        scale = g.op("Div", [g.op("Add", [hi, neg_lo]), levels])
+        zero_point = [g.op("Cast", [g.op("Round", [g.op("Div", [neg_lo, scale])])], to=code)]
+    q = g.op("QuantizeLinear", [x, scale, *zero_point], output_dtype=code, **attrs)
+    return g.op("DequantizeLinear", [q, scale, *zero_point], **attrs)
+
+
+def _linear_input(
+    g: _Graph, x: str, name: str, rotation: OnlineRotation | None, grid: InputGrid | None, width: int
+) -> str:
+    """What a QuantInputLinear does to its input x [b, s, width] before the linear: the online
+    rotation, then per-token fake quantization, both in float32 (a float16 graph casts there and
+    back, as ``fake_quant_per_token`` computes in float32); x itself where neither applies."""
+    if rotation is None and grid is None:
+        return x
+    half = g.float_type != np.float32 and grid is not None
+    if half:
+        x = g.op("Cast", [x], to=TensorProto.FLOAT)
+    if rotation is not None:
+        x = _kronecker_rotation(g, x, f"{name}.rotation", rotation, width, exact=half)
+    if grid is not None:
+        x = _fake_quant_per_token(g, x, f"{name}.act", grid, width)
+    if half:
+        x = g.op("Cast", [x], to=helper.np_dtype_to_tensor_dtype(np.dtype(g.float_type)))
+    return x
 
 
 def _float_matmul(g: _Graph, x: str, name: str, weight: torch.Tensor) -> str:
@@ -502,7 +698,9 @@ class FusedDecoderWriter:
         else:
             x, self.residual = _skip_norm(g, self.pending, self.residual, gamma, eps)
 
+        wrappers = {role: adapter.wrapped_input(block, role) for role in linears}
         qkv_roles = ("q", "k", "v")
+        x = self._shared_input(x, f"{prefix}.qkv", {r: wrappers[r] for r in qkv_roles}, linears["q"])
         qkv = _linear(g, x, f"{prefix}.qkv", [linears[r] for r in qkv_roles], [qw[r] for r in qkv_roles])
         attention = adapter.attention(block)
         qk_norms = adapter.qk_norm_modules(block)
@@ -534,6 +732,7 @@ class FusedDecoderWriter:
             num_heads=shape.num_heads, kv_num_heads=kv_heads, scale=float(attention.scaling),
             do_rotary=1, rotary_interleaved=0, **local,
         )  # fmt: skip
+        attn = self._own_input(attn, f"{prefix}.o", wrappers["o"], linears["o"])
         attn_out = _linear(g, attn, f"{prefix}.o", [linears["o"]], [qw["o"]])
         if attn_branch_norm:  # Gemma3: the branch is normed before the Skip norm adds it
             gamma, eps = _gamma(
@@ -545,10 +744,14 @@ class FusedDecoderWriter:
             g, f"{prefix}.{adapter.mlp_norm}.weight", norms[adapter.mlp_norm], adapter.norm_offset
         )
         x, self.residual = _skip_norm(g, attn_out, self.residual, gamma, eps)
+        x = self._shared_input(
+            x, f"{prefix}.gate_up", {r: wrappers[r] for r in ("gate", "up")}, linears["up"]
+        )
         gate = _linear(g, x, f"{prefix}.gate", [linears["gate"]], [qw["gate"]])
         up = _linear(g, x, f"{prefix}.up", [linears["up"]], [qw["up"]])
         activation = MLP_ACTIVATIONS[getattr(config, adapter.activation_key)]
         act = g.op("Mul", [activation(g, gate), up])
+        act = self._own_input(act, f"{prefix}.down", wrappers["down"], linears["down"])
         self.pending = _linear(g, act, f"{prefix}.down", [linears["down"]], [qw["down"]])
         if mlp_branch_norm:
             gamma, eps = _gamma(
@@ -557,6 +760,19 @@ class FusedDecoderWriter:
             self.pending = _rms_norm(g, self.pending, gamma, eps)
         self._blocks_written += 1
         self._flush()
+
+    def _shared_input(
+        self, x: str, name: str, wrappers: dict[str, QuantInputLinear | None], linear: torch.nn.Linear
+    ) -> str:
+        """x as the linears of ``wrappers`` (reading it together) see it: quantized once."""
+        return _linear_input(self.g, x, name, None, shared_input_grid(wrappers), linear.in_features)
+
+    def _own_input(self, x: str, name: str, wrapper: QuantInputLinear | None, linear: torch.nn.Linear) -> str:
+        """x as one linear sees it: its online rotation (R4 on down_proj), then its grid."""
+        rotation = wrapper.rotation if wrapper is not None else None
+        if rotation is not None and not isinstance(rotation, OnlineRotation):
+            raise ValueError(f"{name}: the fused graph writes factored OnlineRotations only, got {rotation}")
+        return _linear_input(self.g, x, name, rotation, input_grid(wrapper), linear.in_features)
 
     def finish(self, weights: dict[str, QuantizedWeight]) -> OnnxExportInfo:
         """The final norm and lm_head (``weights`` holds its integer weight by path, if quantized),

@@ -11,13 +11,24 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from edgeq.config import QuantConfig, WeightQuantConfig, scheme_preset
+from edgeq.config import ActQuantConfig, QuantConfig, WeightQuantConfig, scheme_preset
 from edgeq.evaluation import OrtCausalLM
 from edgeq.models.adapters import adapter_for
 from edgeq.pipeline import quantize_model
-from edgeq.rotation.rotate import rotate_model
-from exporters import export_onnx
-from exporters.ort_fused import fused_graph_blockers, rope_cache, rope_frequencies
+from edgeq.rotation.hadamard import OnlineRotation, hadamard_transform
+from edgeq.rotation.rotate import plan_rotations, rotate_model
+from exporters import export_onnx, graph_writer
+from exporters.ort_fused import (
+    KV_OPS,
+    ONLINE_OPS,
+    FusedDecoderWriter,
+    architecture_blockers,
+    fused_graph_blockers,
+    graph_factors,
+    rope_cache,
+    rope_frequencies,
+    scheme_blockers,
+)
 
 # GroupQueryAttention needs a head size that is a multiple of 8; hidden 72 = 4.5 × 16 keeps the
 # ragged last group (and, at group 16, an odd block count: 5)
@@ -217,16 +228,19 @@ def test_what_the_fused_graph_cannot_express_falls_back_with_the_reason(tmp_path
     capped = tiny_model("gemma3_text", head_dim=HEAD_DIM, final_logit_softcapping=30.0)
     assert any("softcapping" in r for r in fused_graph_blockers(capped, adapter_for(capped)))
 
-    model = tiny_model("llama", head_dim=HEAD_DIM)  # w4a4: online R4 and quantized activations
-    adapter = adapter_for(model)
-    config = dataclasses.replace(scheme_preset("w4a4"), method="rtn")
-    rotate_model(model, adapter, config.rotation)
-    result = _quantize(model, config)
-    info = export_onnx(model, adapter, result, tmp_path, "ort")
-    assert info.graph == "optimum"
-    assert any("quantized activations" in r for r in info.not_fused)
+    # a quantized KV cache (and R3 on queries and keys) stays on optimum's graph
+    model, result = _w4a4_llama(kv_bits=4)
+    info = export_onnx(model, adapter_for(model), result, tmp_path / "kv4", "ort")
+    assert info.graph == "optimum" and info.not_fused == (KV_OPS,)
     ops = Counter(n.op_type for n in onnx.load(str(info.path)).graph.node)
     assert ops["MatMulNBits"] == len(result.weights) and ops["GroupQueryAttention"] == 0
+    # an online rotation the graph does not write (any input but down_proj's) blocks it
+    model, result = _w4a4_llama()
+    adapter = adapter_for(model)
+    assert fused_graph_blockers(model, adapter) == []
+    block = adapter.blocks(model)[1]
+    adapter.input_quantizer(block, "o").rotation = OnlineRotation(hadamard_transform(64))
+    assert fused_graph_blockers(model, adapter) == [ONLINE_OPS]
 
 
 def test_int8_lm_head_in_the_fused_graph(tmp_path):
@@ -258,3 +272,144 @@ def test_rope_frequencies_are_only_used_where_they_reproduce_the_module():
             return rotary(x, 2 * position_ids)
 
     assert rope_frequencies(PositionsDoubled(), *rope_cache(PositionsDoubled(), 256)) is None
+
+
+# W4A4: R1/R2 fused, R4 online on down_proj's input, per-token fake quantization of every block
+# linear's input, written in front of the MatMulNBits (``FusedDecoderWriter``)
+A4_CASES = {
+    "sym-a4": ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9),
+    "asym-a4": ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9),
+    "sym-a4-down-a8": ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9, down_proj_bits=8),
+    "asym-a8-clip1": ActQuantConfig(bits=8, symmetric=False, clip_ratio=1.0),
+}
+
+
+def _w4a4_llama(activations: ActQuantConfig | None = None, kv_bits: int = 16):
+    """A tiny Llama rotated (R4 online: 96 = 12 · 8, two Hadamard factors) and quantized W4A4 with
+    RTN: the w4a4 preset with ``activations`` for its activation grid."""
+    preset = scheme_preset("w4a4")
+    activations = dataclasses.replace(activations or preset.activations, kv_bits=kv_bits)
+    config = dataclasses.replace(preset, method="rtn", activations=activations)
+    model = tiny_model("llama", head_dim=HEAD_DIM)
+    _randomize_norms(model)
+    rotate_model(model, adapter_for(model), config.rotation, kv_quantized=kv_bits < 16)
+    return model, _quantize(model, config)
+
+
+def _set_clip(model, block_index: int, roles: tuple[str, ...], clip_ratio: float) -> None:
+    """A searched clip ratio on the inputs of ``roles`` in one block (``edgeq.activation_ranges``)."""
+    adapter = adapter_for(model)
+    for role in roles:
+        adapter.input_quantizer(adapter.blocks(model)[block_index], role).clip_ratio = clip_ratio
+
+
+def _assert_fake_quant_parity(got: np.ndarray, expected: np.ndarray) -> None:
+    """ORT at accuracy level 0 against the PyTorch fake-quantized model, logits [..., vocab].
+
+    Both compute the same float32 formulas, but in other summation orders (ORT's MatMulNBits and
+    attention against torch's), so the two roundings of an activation that sits within ~1e-7 of a
+    half step can differ: one code one step apart, which moves that token's logits (and, through
+    attention, later tokens') by far more than float noise. At ~2e-7 per quantized element and ~1e5
+    elements such a flip is a rare event, not a bound: so the test asks that nearly every position
+    agree to float precision and nearly every greedy token be the same, not all of them."""
+    got, expected = got.reshape(-1, got.shape[-1]), expected.reshape(-1, expected.shape[-1])
+    rel = np.linalg.norm(got - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert np.mean(rel < 1e-4) >= 0.9, np.sort(rel)[-10:]
+    assert np.median(rel) < 1e-5
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.98
+
+
+@pytest.mark.parametrize("activations", A4_CASES.values(), ids=A4_CASES.keys())
+def test_w4a4_fused_graph_computes_the_pytorch_fake_quant_logits(activations, tmp_path):
+    model, result = _w4a4_llama(activations)
+    _set_clip(model, 1, ("o",), 0.75)  # a module with its own clip ratio
+    _set_clip(model, 0, ("gate", "up"), 0.8)  # a shared input: both linears carry it
+    info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")
+    assert info.graph == "fused" and info.not_fused == ()
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(11))
+    got = OrtCausalLM(tmp_path, accuracy_level=0).logits(ids).numpy()
+    _assert_fake_quant_parity(got, _logits(model, ids).numpy())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_w4a4_fused_graph_quantizes_each_input_once(symmetric, tmp_path):
+    """q/k/v read one quantized input and gate/up one: one quantizer each, plus o_proj's and
+    down_proj's own (after R4, two factor products and no dense 96 × 96 matrix)."""
+    model, result = _w4a4_llama(ActQuantConfig(bits=4, symmetric=symmetric, down_proj_bits=8))
+    info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")
+    graph = onnx.load(str(info.path)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    layers = model.config.num_hidden_layers
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == ops["ReduceMax"] == 4 * layers
+    assert ops["Abs"] == (4 * layers if symmetric else 0)
+    assert ops["Round"] == (0 if symmetric else 4 * layers)  # asymmetric: the zero points
+    assert ops["Where"] == ops["Clip"] == 0
+    assert ops["MatMul"] == 2 * layers and ops["MatMulNBits"] == 5 * layers + 1  # + int8 lm_head
+    assert ops["Reshape"] == 2 * layers  # R4: into the [.., 12, 8] view and back
+    width = model.config.intermediate_size
+    assert not any(tuple(i.dims) == (width, width) for i in graph.initializer)
+    # 4-bit codes everywhere but down_proj's input (8 bits); symmetric: int, asymmetric: uint
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    codes = Counter({a.name: a.i for a in n.attribute}["output_dtype"] for n in quantize)
+    four, eight = (onnx.TensorProto.INT4, onnx.TensorProto.INT8) if symmetric else (
+        onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)  # fmt: skip
+    assert codes == {four: 3 * layers, eight: layers}
+    # every block MatMulNBits reads a dequantized activation
+    producer = {out: n for n in graph.node for out in n.output}
+    blocks = [n for n in graph.node if n.op_type == "MatMulNBits" and "logits" not in n.output]
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in blocks)
+
+
+def test_w4a4_decode_with_the_cache_equals_a_prefill(tmp_path):
+    model, result = _w4a4_llama()
+    export_onnx(model, adapter_for(model), result, tmp_path, "ort")
+    lm = OrtCausalLM(tmp_path, accuracy_level=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    prefill = lm.logits(ids)[0].numpy()
+    _assert_fake_quant_parity(_decoded(lm, ids, 9), prefill)
+    _assert_fake_quant_parity(_decoded(lm, ids, 9), _logits(model, ids)[0].numpy())
+
+
+def test_linears_reading_one_input_must_share_its_grid(tmp_path):
+    model, result = _w4a4_llama()
+    _set_clip(model, 1, ("k",), 0.5)  # q and v keep 0.9
+    with pytest.raises(ValueError, match="one grid"):
+        export_onnx(model, adapter_for(model), result, tmp_path, "ort")
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_the_ort_export_path_chooses_the_fused_graph_for_w4a4_with_a_float_kv_cache(kv_bits, tmp_path):
+    """What ``edgeq.export`` decides before quantizing: the w4a4 preset (R4 online, A4) writes the
+    fused graph; with a 4-bit KV cache (and R3) optimum's, with the KV reason."""
+    preset = scheme_preset("w4a4")
+    quant = dataclasses.replace(preset, activations=dataclasses.replace(preset.activations, kv_bits=kv_bits))
+    model = tiny_model("llama", head_dim=HEAD_DIM)
+    adapter = adapter_for(model)
+    plan = plan_rotations(adapter, model.config, quant.rotation, kv_quantized=kv_bits < 16)
+    assert plan.r4 is not None and (plan.r3 is not None) == (kv_bits < 16)
+    blockers = architecture_blockers(model.config, adapter) + scheme_blockers(quant, plan.r3 is not None)
+    writer = graph_writer(model, adapter, tmp_path, "ort", blockers)
+    if kv_bits == 16:
+        assert blockers == [] and isinstance(writer, FusedDecoderWriter)
+    else:
+        assert blockers == [KV_OPS] and not isinstance(writer, FusedDecoderWriter)
+
+
+def test_graph_factors_regroup_the_hadamard_and_never_write_the_dense_matrix():
+    """SmolLM2's R4 (1536 = 12 · 64 · 2) is written as two products, 48 and 32 wide (the Sylvester
+    part regrouped: 12 · 2 · 2 and 2^5), whose Kronecker product with the scale folded in is the
+    transform; the tiny model's 96 = 12 · 8 keeps two (merged they would be the dense matrix)."""
+    transform = hadamard_transform(1536)
+    factors = [f.numpy() for f in transform.factors]
+    assert [f.shape[0] for f in factors] == [12, 64, 2]
+    merged = graph_factors(factors, transform.scale, 1536)
+    assert [f.shape[0] for f in merged] == [48, 32]
+    dense = transform.matrix().numpy()
+    np.testing.assert_allclose(np.kron(merged[0].astype(np.float64), merged[1]), dense, atol=1e-7)
+    small = hadamard_transform(96)
+    kept = graph_factors([f.numpy() for f in small.factors], small.scale, 96)
+    assert [f.shape[0] for f in kept] == [12, 8]
+    # one factor (the random-orthogonal fallback) stays the one dense product it is
+    assert [f.shape[0] for f in graph_factors([np.eye(10)], 1.0, 10)] == [10]
+    # no per-op overhead: the least multiply-adds (12 + 7 · 2 per element; H_4 costs what two H_2 do)
+    assert sum(f.shape[0] for f in graph_factors(factors, 1.0, 1536, overhead=0)) == 12 + 7 * 2

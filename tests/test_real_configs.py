@@ -134,8 +134,8 @@ def test_export_passes_parity_and_the_default_gates(real_model, tmp_path, capsys
     assert report["validation"]["passed"]
     gates = {g["name"] for g in report["validation"]["gates"]}
     assert gates == {"perplexity_ratio", "top1_agreement", "size_ratio"}  # the defaults
-    # the fused graph covers every architecture with float activations; W4A4 keeps optimum's graph
-    fused = fmt == "ort" and scheme == "w4a16"
+    # the fused graph covers every architecture, W4A4 with its float KV cache included
+    fused = fmt == "ort"
     assert (report["onnx"]["graph"] == "fused") == fused, report["onnx"]["not_fused"]
     # the evaluation windows, and the FP reference stored with them, follow the model's BOS convention
     bos = report["evaluation"]["bos"]

@@ -116,7 +116,7 @@ def test_streamed_export_writes_the_in_memory_pipelines_graph(
 
 @pytest.mark.parametrize(
     ("fmt", "scheme", "graph"),
-    [("ort", "w4a16", "fused"), ("qdq", "w4a4", "optimum"), ("ort", "w4a4", "optimum")],
+    [("ort", "w4a16", "fused"), ("qdq", "w4a4", "optimum"), ("ort", "w4a4", "fused")],
 )
 def test_only_one_block_is_ever_resident(tmp_path, text_data_dir, monkeypatch, fmt, scheme, graph):
     """Both writers, the fused graph and optimum's graph traced block by block, take each block as it
@@ -139,7 +139,12 @@ def test_only_one_block_is_ever_resident(tmp_path, text_data_dir, monkeypatch, f
 
 @pytest.mark.parametrize(
     ("fmt", "scheme", "graph_kind"),
-    [("ort", "w4a16", "fused"), ("qdq", "w4a16", "optimum"), ("qdq", "w4a4", "optimum")],
+    [
+        ("ort", "w4a16", "fused"),
+        ("qdq", "w4a16", "optimum"),
+        ("qdq", "w4a4", "optimum"),
+        ("ort", "w4a4", "fused"),
+    ],
 )
 def test_float16_graph_parity_on_the_cpu_provider(tmp_path, text_data_dir, fmt, scheme, graph_kind):
     """A float16 graph in ORT's CPU provider against the PyTorch model run in float16: perplexity

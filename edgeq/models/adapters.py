@@ -140,6 +140,12 @@ class Adapter:
             setattr(owner, child, module)
         return module
 
+    def wrapped_input(self, block: nn.Module, role: str) -> QuantInputLinear | None:
+        """The QuantInputLinear around the role's linear, or None where the linear is bare (an
+        exporter's read-only view: unlike ``input_quantizer`` it never wraps)."""
+        module = block.get_submodule(self.linear_paths[role])
+        return module if isinstance(module, QuantInputLinear) else None
+
     def linear_name(self, block_index: int, role: str) -> str:
         """Full module name, e.g. ``model.layers.3.self_attn.q_proj``."""
         return f"{self.blocks_path}.{block_index}.{self.linear_paths[role]}"
