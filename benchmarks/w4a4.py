@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from common import add_data_arguments, load_data, publish, save_results
 
-from edgeq.config import CalibrationConfig, EvalConfig, QuantConfig, scheme_preset
+from edgeq.config import CalibrationConfig, EvalConfig, QuantConfig, RotationConfig, scheme_preset
 from edgeq.data import prepare_text_data
 from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
 from edgeq.latency import PeakRSS, measure_decode
@@ -78,16 +78,16 @@ ROWS = (
     Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS, learned=True),
     Row("rotation + GPTQ, symmetric activations", "w4a4", "gptq", activations={"symmetric": True}),
     Row("rotation + GPTQ, fixed clip 0.9", "w4a4", "gptq", activations={"clip_search": False}),
-    Row("w4a4-down8 (down_proj input A8) + BoA", "w4a4-down8", "boa"),
-    Row("w4a8 + BoA", "w4a8", "boa"),
-    Row("w4a4 + KV4 + BoA", "w4a4", "boa", activations={"kv_bits": 4}),
+    Row("w4a4-down8 (down_proj input A8) + GPTQ", "w4a4-down8", "gptq"),
+    Row("w4a8 + GPTQ", "w4a8", "gptq"),
+    Row("w4a4 + KV4 + GPTQ", "w4a4", "gptq", activations={"kv_bits": 4}),
 )
 # must-shows: row label → the largest perplexity / FP allowed
 LIMITS = {
     PRESET_LABEL: 1.5,
-    "w4a4-down8 (down_proj input A8) + BoA": 1.35,
-    "w4a8 + BoA": 1.15,
-    "w4a4 + KV4 + BoA": 1.6,
+    "w4a4-down8 (down_proj input A8) + GPTQ": 1.35,
+    "w4a8 + GPTQ": 1.15,
+    "w4a4 + KV4 + GPTQ": 1.6,
 }
 
 
@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_data_arguments(parser)
-    parser.add_argument("--rotation-steps", type=int, default=48, help="learned rotations: Cayley SGD steps")
-    parser.add_argument("--rotation-samples", type=int, default=16, help="learned rotations: windows")
-    parser.add_argument("--rotation-lr", type=float, default=0.002, help="learned rotations: step size")
+    learn = RotationConfig()
+    parser.add_argument("--rotation-steps", type=int, default=learn.steps, help="learned: Cayley SGD steps")
+    parser.add_argument("--rotation-samples", type=int, default=learn.samples, help="learned: windows")
+    parser.add_argument("--rotation-lr", type=float, default=learn.lr, help="learned rotations: step size")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the timings")
     parser.add_argument("--speed-rounds", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args(argv)

@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="hadamard: randomized Hadamard matrices; learned: R1/R2 optimized from them on the quantized "
         "model's loss (SpinQuant; the whole float model in memory). Implies --rotate",
     )
-    act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (100)")
+    act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (32)")
     act.add_argument("--rotation-samples", type=int, help="learned rotations: calibration windows used (16)")
-    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (1.5)")
+    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (0.003)")
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
     export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")

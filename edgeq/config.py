@@ -193,8 +193,10 @@ class RotationConfig:
     seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
     kind: "hadamard" (the randomized Hadamard matrices) or "learned": R1 and one R2 per block
     optimized from them on the quantized network's loss (SpinQuant, ``edgeq.rotation.learned``),
-    ``steps`` Cayley SGD steps of step size ``lr``, cycling through the first ``samples``
-    calibration windows.
+    ``steps`` Cayley SGD steps of step size ``lr`` (decaying linearly to 0), one window per step,
+    cycling through the first ``samples`` calibration windows cut to their first ``seq_len`` tokens
+    (short windows keep a step to seconds on a CPU). On SmolLM2 the loss of the objective (per-token
+    STE gradients of size ~50-100 on R1) rose at lr 0.05 and fell steadily at 0.003.
     """
 
     enabled: bool = False
@@ -204,9 +206,10 @@ class RotationConfig:
     r3: bool = True
     seed: int = 0
     kind: str = "hadamard"
-    steps: int = 100
+    steps: int = 32
     samples: int = 16
-    lr: float = 1.5
+    lr: float = 0.003
+    seq_len: int = 128
 
     def validate(self) -> None:
         if self.kind not in ROTATION_KINDS:
@@ -364,12 +367,12 @@ SCHEMES: dict[str, QuantConfig] = {
     "w3a16": QuantConfig(
         scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False), lm_head_bits=8
     ),
-    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token int4
+    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token asymmetric int4
     # activations (KV cache in float), each input's clip ratio searched (benchmarks/w4a4.py).
     "w4a4": QuantConfig(
         scheme="w4a4",
         weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
-        activations=ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9, clip_search=True),
+        activations=ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9, clip_search=True),
         rotation=RotationConfig(enabled=True),
         lm_head_bits=8,
     ),

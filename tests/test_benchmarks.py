@@ -89,7 +89,7 @@ W4A4_RESULTS = {
         _w4a4_row("rotation + GPTQ", 16.0, 0.5),
         _w4a4_row("rotation + BoA", 14.0, 0.25),
         _w4a4_row("learned rotation + GPTQ", 14.5, 0.5, learning=120.0),
-        _w4a4_row("w4a8 + BoA", 12.0),
+        _w4a4_row("w4a8 + GPTQ", 12.0),
     ],
     "fused": {
         "graph": "fused",

@@ -50,9 +50,8 @@ def test_the_objective_model_is_the_rotated_model():
     with torch.no_grad():
         expected = model(ids).logits
     adapter = adapter_for(model)
-    quant = dataclasses.replace(
-        _w4a4(), weights=WeightQuantConfig(bits=8, group_size=-1, symmetric=True), activations=ActQuantConfig()
-    )
+    weights = WeightQuantConfig(bits=8, group_size=-1, symmetric=True)
+    quant = dataclasses.replace(_w4a4(), weights=weights, activations=ActQuantConfig())
     plan = plan_rotations(adapter, model.config, quant.rotation)
     r1 = torch.nn.Parameter(plan.r1.float())
     r2 = [torch.nn.Parameter(plan.r2.float()) for _ in adapter.blocks(model)]

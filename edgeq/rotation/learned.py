@@ -20,9 +20,9 @@ accumulates A, and the step is the Cayley transform of −αM,
     R ← (I + α/2·M)⁻¹ (I − α/2·M) R,     α = min(lr_t, 1 / ‖M‖_F),
 
 orthogonal for any α (the cap keeps one step's rotation angle bounded); lr_t decays linearly from
-the configured rate to 0 over the steps, so the last iterates settle despite the STE's noise. The learned matrices are
-projected back to the nearest orthogonal ones in float64 (polar factor) and then fused exactly as
-the Hadamard ones: the exported graph does not change shape.
+the configured rate to 0 over the steps, so the last iterates settle despite the STE's noise. The
+learned matrices are projected back to the nearest orthogonal ones in float64 (polar factor) and
+then fused exactly as the Hadamard ones: the exported graph does not change shape.
 
 Training runs on a float copy of the whole model in memory (the loss is end to end); KV cache
 quantization is left out of the objective. Learnable per-channel scales (OSTQuant/FlatQuant) are
@@ -161,7 +161,7 @@ def learn_rotations(
     learned = [p for p in (r1, *r2) if p is not None]
     handles = install_objective(model, adapter, quant, plan, r1, r2)
     momenta = [torch.zeros_like(p) for p in learned]
-    windows = calibration_ids[: max(1, config.samples)]
+    windows = calibration_ids[: max(1, config.samples), : config.seq_len]
     model.train(False)
     try:
         bar = tqdm(range(config.steps), desc="learn rotations", unit="step", disable=not progress)
