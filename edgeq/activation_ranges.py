@@ -28,8 +28,11 @@ from edgeq.quant.block import block_forward, to_device
 
 # 1.0, 0.95, …, 0.6: below 0.6 no input of the models measured (SmolLM2, tiny Llamas) was better
 CLIP_CANDIDATES = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))
-# tokens per input the error is measured on (sampled evenly from the calibration windows)
+# tokens per input the error is measured on, sampled evenly from the first SEARCH_WINDOWS
+# calibration windows (the search runs the block once per input over them: four passes of a
+# quarter of SmolLM2's 64-window calibration cost about one full pass)
 SEARCH_TOKENS = 2048
+SEARCH_WINDOWS = 16
 
 
 def output_error(x: torch.Tensor, weights: list[torch.Tensor], act: ActQuantConfig, bits: int,
@@ -60,12 +63,19 @@ def _sample_rows(rows: list[torch.Tensor], count: int) -> torch.Tensor:
 @torch.no_grad()
 def search_block_clip_ratios(
     adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], act: ActQuantConfig,
-    device: torch.device | str = "cpu", tokens: int = SEARCH_TOKENS,
+    device: torch.device | str = "cpu", tokens: int = SEARCH_TOKENS, windows: int = SEARCH_WINDOWS,
 ) -> dict[str, float]:  # fmt: skip
     """The clip ratio of every quantized linear input of ``block`` (by role; linears that share an
     input share one), searched in the block's order on the calibration stream ``hidden`` (per batch
     [b, L, d], with the block's ``kwargs`` per batch). Leaves the block's activation quantizers set
-    to the ratios found; the weights must still be float."""
+    to the ratios found; the weights must still be float. Only the batches holding the first
+    ``windows`` windows are run."""
+    count, used = 0, 0
+    for h in hidden:
+        if count >= windows:
+            break
+        count, used = count + h.shape[0], used + 1
+    hidden, kwargs = hidden[:used], kwargs[:used]
     quantizers = {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
     for module in quantizers.values():
         module.quantize_input = False

@@ -401,6 +401,7 @@ def run_export(
             result.layers, result.block_seconds = streamed.layers, streamed.block_seconds
             result.block_output_rel_error = streamed.block_output_rel_error
             result.fallbacks = streamed.fallbacks
+            result.clip_ratios = streamed.clip_ratios
         timings["blocks_s"] = result.block_seconds
 
         with _timed(timings, "eval_fp_torch_s"):
@@ -473,6 +474,7 @@ def run_export(
                 "layers": [dataclasses.asdict(s) for s in result.layers],
                 "block_output_rel_error": result.block_output_rel_error,
                 "fallbacks": result.fallbacks,
+                "clip_ratios": result.clip_ratios,
             },
         }
         if quant.mixed.enabled:

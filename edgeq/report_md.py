@@ -550,7 +550,20 @@ def _layer_errors(report: dict, plot_names: dict[str, str]) -> list[str]:
     lines = ["## Per-layer quantization error", ""]
     lines += _image(plot_names, "layer_errors", "Per-layer weight error and block output error along depth")
     lines += ["", *_block_error_line(block_errors), "", *_role_table(layers), "", *_worst_layers(layers)]
-    return lines + _fallback_lines(report)
+    return lines + _clip_lines(report) + _fallback_lines(report)
+
+
+def _clip_lines(report: dict) -> list[str]:
+    """The searched activation clip ratios, per role: how far each input's grid was clipped."""
+    ratios = _get(report, "quantization", "clip_ratios", default={}) or {}
+    by_role: dict[str, list[float]] = {}
+    for name, ratio in ratios.items():
+        if _is_number(ratio):
+            by_role.setdefault(name.rsplit(".", 1)[-1], []).append(ratio)
+    if not by_role:
+        return []
+    parts = [f"{role} {min(v):g}–{max(v):g}" for role, v in by_role.items()]
+    return ["", f"Activation clip ratios searched per input (range over the blocks): {', '.join(parts)}."]
 
 
 def _fallback_lines(report: dict) -> list[str]:

@@ -108,9 +108,10 @@ W4A4_RESULTS = {
 def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     table = benchmark_module("w4a4").markdown(W4A4_RESULTS)
     assert "| rotation + BoA | 14.00 ± 0.25 | 1.40 | ≤ 1.5 × ✓ | 9 | 1.00 |" in table
-    assert "| w4a8 + BoA | 12.00 | 1.20 | ≤ 1.15 × ✗ |" in table
+    assert "| w4a8 + GPTQ | 12.00 | 1.20 | ≤ 1.15 × ✗ |" in table
     assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
     assert "close 25 % of the randomized Hadamard's gap" in table  # (16 − 14.5) / (16 − 10)
+    assert "seeds 0: 14.50 against 16.00" in table
     assert "120 s of learning per run" in table
     assert "BoA against GPTQ at W4A4: 14.00 ± 0.25 against 16.00 ± 0.50" in table
     assert "(+1.0 %; must show within 2 %)" in table

@@ -61,22 +61,35 @@ def test_the_objective_model_is_the_rotated_model():
     assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max())
 
 
-def test_learned_plan_is_exact_in_float_and_lowers_the_quantized_loss():
-    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-    quant = _w4a4(steps=30)
+def _confident_model():
+    """A tiny Llama whose lm_head is sharpened 20×, and a window it generated greedily: the float
+    model predicts the window well, so what the 4-bit grids cost shows in its loss (a random model's
+    loss sits at log(vocab) whatever its precision)."""
     model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    prompt = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    return model, model.generate(prompt, max_new_tokens=60, do_sample=False, pad_token_id=0)
+
+
+def test_learned_plan_is_exact_in_float_and_lowers_the_quantized_loss():
+    model, ids = _confident_model()
     adapter = adapter_for(model)
+    quant = _w4a4(steps=30)
+    quant = dataclasses.replace(quant, rotation=dataclasses.replace(quant.rotation, samples=1, lr=0.1))
     plan = plan_rotations(adapter, model.config, quant.rotation)
     learned, log = learn_rotations(model, adapter, quant, plan, ids, progress=False)
     assert len(log.losses) == 30 and log.seconds > 0
-    assert sum(log.losses[-5:]) < sum(log.losses[:5])
+    # one window: step 0 is the Hadamard start, the last steps the learned rotations (measured 1.55
+    # at the start and 1.08-1.16 over the last five)
+    assert max(log.losses[-5:]) < 0.9 * log.losses[0]
     assert learned.r2 is None and len(learned.r2_blocks) == len(adapter.blocks(model))
     for r in (learned.r1, *learned.r2_blocks):
         assert r.dtype == torch.float64 and _orthogonality_error(r) < 1e-12
     assert not torch.allclose(learned.r1, plan.r1)
     assert learned.report.applied["r1"].startswith("learned")
     # fused exactly: the float model's function is unchanged
-    fresh = tiny_model("llama")
+    fresh, _ = _confident_model()
     with torch.no_grad():
         expected = fresh(ids).logits
         apply_plan(fresh, adapter_for(fresh), learned)

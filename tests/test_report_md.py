@@ -326,3 +326,14 @@ def test_numpy_scalars_format_like_python_numbers():
     md = render_markdown(report, {})
     assert "| FP (PyTorch) | 12.35 | 1.000 | — |" in md
     assert "| FP32 parameters | 538,000,000 | 538.0 |" in md
+
+
+def test_searched_clip_ratios_are_summarized_per_role():
+    from edgeq.report_md import _clip_lines
+
+    report = {"quantization": {"clip_ratios": {"model.layers.0.mlp.down_proj": 0.7,
+                                               "model.layers.1.mlp.down_proj": 0.85,
+                                               "model.layers.0.self_attn.q_proj": 0.9}}}  # fmt: skip
+    line = _clip_lines(report)[-1]
+    assert "down_proj 0.7–0.85" in line and "q_proj 0.9–0.9" in line
+    assert _clip_lines({"quantization": {}}) == []
