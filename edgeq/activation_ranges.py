@@ -29,10 +29,9 @@ from edgeq.quant.block import block_forward, to_device
 # 1.0, 0.95, …, 0.6: below 0.6 no input of the models measured (SmolLM2, tiny Llamas) was better
 CLIP_CANDIDATES = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))
 # tokens per input the error is measured on, sampled evenly from the first SEARCH_WINDOWS
-# calibration windows (the search runs the block once per input over them: four passes of a
-# quarter of SmolLM2's 64-window calibration cost about one full pass)
+# calibration windows (the search runs the block once per input over them)
 SEARCH_TOKENS = 2048
-SEARCH_WINDOWS = 16
+SEARCH_WINDOWS = 8
 
 
 def output_error(x: torch.Tensor, weights: list[torch.Tensor], act: ActQuantConfig, bits: int,

@@ -36,15 +36,17 @@ def test_flags_override_only_what_they_name():
 def test_w4a4_preset_and_its_overrides():
     config = _config("--scheme", "w4a4")
     quant = config.quant
-    assert quant.rotation.enabled and quant.activations.bits == 4 and quant.activations.symmetric
+    assert quant.rotation.enabled and quant.activations.bits == 4 and not quant.activations.symmetric
+    assert quant.activations.clip_search and quant.rotation.kind == "hadamard"
     assert (quant.weights.bits, quant.weights.group_size, quant.weights.symmetric) == (4, -1, True)
     config = _config(
-        "--scheme", "w4a4", "--act-asymmetric", "--act-clip", "1.0", "--down-act-bits", "8",
+        "--scheme", "w4a4", "--act-symmetric", "--act-clip", "1.0", "--down-act-bits", "8",
         "--no-rotate", "--rotation-seed", "3", "--kv-bits", "4", "--format", "ort",
         "--quantize-embedding", "--quantize-lm-head",
     )  # fmt: skip
     act, rot = config.quant.activations, config.quant.rotation
-    assert (act.bits, act.symmetric, act.clip_ratio, act.down_proj_bits) == (4, False, 1.0, 8)
+    assert (act.bits, act.symmetric, act.clip_ratio, act.down_proj_bits) == (4, True, 1.0, 8)
+    assert not act.clip_search  # a fixed ratio given
     assert act.bits_for("down") == 8 and act.bits_for("q") == 4
     assert (rot.enabled, rot.seed) == (False, 3)
     assert act.kv_bits == 4 and config.format == "ort"
@@ -64,3 +66,15 @@ def test_lm_head_bits_presets_flags_and_old_configs():
     assert ExportConfig.from_dict(old).quant.lm_head_bits == 4
     del old["quant"]["quantize_lm_head"]
     assert ExportConfig.from_dict(old).quant.lm_head_bits == 16
+
+
+def test_w4a4_presets_learned_rotations_and_clip_search_from_the_command_line():
+    down8, w4a8 = _config("--scheme", "w4a4-down8").quant, _config("--scheme", "w4a8").quant
+    assert down8.activations.bits_for("down") == 8 and down8.activations.bits_for("gate") == 4
+    assert w4a8.activations.bits == 8 and w4a8.weights == _config("--scheme", "w4a4").quant.weights
+    config = _config("--scheme", "w4a16", "--act-bits", "4", "--act-clip", "search", "--rotation", "learned",
+                     "--rotation-steps", "5", "--rotation-samples", "3", "--rotation-lr", "0.01")  # fmt: skip
+    rot = config.quant.rotation
+    assert config.quant.activations.clip_search
+    assert (rot.enabled, rot.kind, rot.steps, rot.samples, rot.lr) == (True, "learned", 5, 3, 0.01)
+    assert ExportConfig.from_dict(config.to_dict()) == config
