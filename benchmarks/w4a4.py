@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         per_seed = []
         for seed in row.seeds:
             model, result, seconds, peak, rotation, learning = quantized(source, calibrations[seed], config)
-            rotation_report = rotation if row.rotate and not row.learned else rotation_report
+            if rotation_report is None and row.rotate and not row.learned:
+                rotation_report = rotation
             ppl = perplexity(torch_logits_fn(model), windows, f"{row.label} seed {seed}")
             per_seed.append({"seed": seed, "perplexity": ppl, "seconds": seconds, "peak_rss_bytes": peak,
                              "learning_seconds": learning, "rotation": rotation})  # fmt: skip
@@ -220,7 +221,9 @@ def _ppl(row: dict) -> str:
 
 def markdown(results: dict) -> str:
     s, fp = results["settings"], results["fp_perplexity"]
-    rotation = ", ".join(f"{k.upper()} {v}" for k, v in results["rotation"]["applied"].items())
+    # the first row's (a Hadamard w4a4 row; ``rotation`` may hold another row's, e.g. KV4's R3)
+    first = (results["rows"][0].get("seeds") or [{}])[0].get("rotation") or results["rotation"]
+    rotation = ", ".join(f"{k.upper()} {v}" for k, v in first["applied"].items())
     by_label = {r["label"]: r for r in results["rows"]}
     lines = [
         f"Model `{results['model']}`, FP perplexity **{fp:.2f}**. Calibration: {s['calib_samples']} × "
