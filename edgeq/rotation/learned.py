@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from edgeq.config import QuantConfig
-from edgeq.models.adapters import ATTN_INPUT_ROLES, LINEAR_ROLES, MLP_INPUT_ROLES, Adapter
+from edgeq.models.adapters import ATTN_INPUT_ROLES, MLP_INPUT_ROLES, Adapter
+from edgeq.pipeline import quantize_block_activations
 from edgeq.quant.grid import rtn_quantize
 from edgeq.rotation.rotate import RotationPlan, add_block_down_proj_rotation, fold_block_norms
 
@@ -123,8 +124,7 @@ def install_objective(
         fold_block_norms(block, adapter)
         if plan.r4 is not None:
             add_block_down_proj_rotation(block, adapter, plan.r4)
-        for role in LINEAR_ROLES:
-            adapter.input_quantizer(block, role).set_quantization(act, act.bits_for(role))
+        quantize_block_activations(model, adapter, block, act)
         for role, linear in adapter.linears(block).items():
             side = "in" if role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES) else "out"
             head_r = r2[i] if r2 and role in ("v", "o") else None
