@@ -18,6 +18,7 @@ from edgeq.cli import main
 from edgeq.config import CalibrationConfig, EvalConfig, ExportConfig, QuantConfig, WeightQuantConfig
 from edgeq.data import bos_convention, prepare_text_data
 from edgeq.evaluation import perplexity, torch_logits_fn
+from edgeq.export import ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS
 from edgeq.models.adapters import adapter_for, adapter_for_config
 from edgeq.models.loading import _builtin_gguf_path, load_config, load_model, load_tokenizer, resolve_model
 from edgeq.pipeline import quantize_model
@@ -162,13 +163,15 @@ def test_gptq_and_boa_beat_rtn_at_w3_per_channel():
 
 @pytest.fixture(scope="module")
 def smollm2_w4a4_artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2") / "w4a4-rtn-ort"
+    out = tmp_path_factory.mktemp("smollm2") / "w4a4-gptq-ort"
+    # GPTQ, not RTN: RTN at W4A4 sits near 10 × FP, where rounding flips between runtimes move
+    # perplexity by 5-7 % (ORT's own accuracy levels 0 and 4 differed by 4 % on the same graph);
+    # GPTQ's 1.8 × leaves the 2 % statistical parity gate meaningful
     status = main([
-        "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a4", "--method", "rtn",
+        "--no-progress", "export", "--model", "smollm2-135m", "--scheme", "w4a4", "--method", "gptq",
         "--calib-samples", "4", "--calib-seq-len", "256", "--eval-windows", str(EVAL_WINDOWS),
         "--latency-runs", "1", "--decode-tokens", "8", "--format", "ort", "--out", str(out),
-        # RTN at W4A4 is far from FP (see benchmarks/w4a4.py); this fixture tests the export itself
-        "--max-ppl-ratio", "100", "--min-top1", "0.05",
+        "--max-ppl-ratio", "2.5", "--min-top1", "0.05",
     ])  # fmt: skip
     assert status == 0
     return out
@@ -196,9 +199,10 @@ def test_w4a4_ort_format_export_reports_rotations_and_matches_pytorch(smollm2_w4
     report = json.loads((smollm2_w4a4_artifact / "report.json").read_text())
     ppl = report["perplexity"]
     # quantized activations: rounding flips cascade between runtimes, so parity is statistical
-    # (see edgeq.export.ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS); RTN at W4A4 is the most chaotic case
+    # (edgeq.export.ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS): perplexity only, top-1 reported
     assert report["onnx_parity"]["min_top1_agreement"] is None
-    assert report["onnx_parity"]["relative_difference"] < 0.05
+    assert report["onnx_parity"]["passed"]
+    assert report["onnx_parity"]["relative_difference"] < ONNX_PARITY_TOLERANCE_QUANTIZED_ACTS
     graph = onnx.load(str(smollm2_w4a4_artifact / "model.onnx"), load_external_data=False).graph
     # the fused graph (float KV cache): q/k/v in one MatMulNBits, o, gate, up, down, the int8 lm_head
     assert report["onnx"]["graph"] == "fused"
