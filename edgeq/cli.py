@@ -14,6 +14,7 @@ from pathlib import Path
 from edgeq.config import (
     DEFAULT_GATES,
     ROTATION_KINDS,
+    ROTATION_OBJECTIVE_WEIGHTS,
     SCHEMES,
     CalibrationConfig,
     EvalConfig,
@@ -211,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (32)")
     act.add_argument("--rotation-samples", type=int, help="learned rotations: calibration windows used (16)")
     act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (0.003)")
+    act.add_argument(
+        "--rotation-objective-weights",
+        choices=ROTATION_OBJECTIVE_WEIGHTS,
+        help="learned rotations: weights float in the objective (default; GPTQ/BoA round them later) "
+        "or rounded to their grid by RTN",
+    )
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
     export.add_argument("--calib-samples", type=int, default=cal.num_sequences, help="calibration sequences")
@@ -330,6 +337,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         steps=args.rotation_steps,
         samples=args.rotation_samples,
         lr=args.rotation_lr,
+        objective_weights=args.rotation_objective_weights,
     )
     aespa = _replace(quant.aespa, iterations=args.aespa_iterations)
     mixed = _replace(quant.mixed, avg_bits=args.avg_bits, bit_choices=args.bit_choices)

@@ -179,6 +179,8 @@ class ActQuantConfig:
 
 
 ROTATION_KINDS = ("hadamard", "learned")
+# the weights inside the learned rotations' objective: on their grid (RTN, STE) or float
+ROTATION_OBJECTIVE_WEIGHTS = ("float", "rtn")
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,10 @@ class RotationConfig:
     cycling through the first ``samples`` calibration windows cut to their first ``seq_len`` tokens
     (short windows keep a step to seconds on a CPU). On SmolLM2 the loss of the objective (per-token
     STE gradients of size ~50-100 on R1) rose at lr 0.05 and fell steadily at 0.003.
+    objective_weights: "rtn" rounds the rotated weights to their grid inside the objective (RTN with a
+    straight-through gradient); "float" leaves them float, so only the activations are quantized
+    (SpinQuant's recipe when GPTQ-like methods choose the integer weights afterwards: rotations fitted
+    to RTN's rounding errors do not carry over to GPTQ's).
     """
 
     enabled: bool = False
@@ -210,8 +216,14 @@ class RotationConfig:
     samples: int = 16
     lr: float = 0.003
     seq_len: int = 128
+    objective_weights: str = "float"
 
     def validate(self) -> None:
+        if self.objective_weights not in ROTATION_OBJECTIVE_WEIGHTS:
+            raise EdgeqError(
+                f"rotation objective weights must be one of {', '.join(ROTATION_OBJECTIVE_WEIGHTS)}, "
+                f"got '{self.objective_weights}'"
+            )
         if self.kind not in ROTATION_KINDS:
             raise EdgeqError(f"rotation must be one of {', '.join(ROTATION_KINDS)}, got '{self.kind}'")
         if self.steps < 1 or self.samples < 1 or not self.lr > 0:

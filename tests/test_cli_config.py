@@ -73,8 +73,11 @@ def test_w4a4_presets_learned_rotations_and_clip_search_from_the_command_line():
     assert down8.activations.bits_for("down") == 8 and down8.activations.bits_for("gate") == 4
     assert w4a8.activations.bits == 8 and w4a8.weights == _config("--scheme", "w4a4").quant.weights
     config = _config("--scheme", "w4a16", "--act-bits", "4", "--act-clip", "search", "--rotation", "learned",
-                     "--rotation-steps", "5", "--rotation-samples", "3", "--rotation-lr", "0.01")  # fmt: skip
+                     "--rotation-steps", "5", "--rotation-samples", "3", "--rotation-lr", "0.01",
+                     "--rotation-objective-weights", "rtn")  # fmt: skip
     rot = config.quant.rotation
     assert config.quant.activations.clip_search
     assert (rot.enabled, rot.kind, rot.steps, rot.samples, rot.lr) == (True, "learned", 5, 3, 0.01)
+    assert rot.objective_weights == "rtn"
+    assert _config("--scheme", "w4a4").quant.rotation.objective_weights == "float"
     assert ExportConfig.from_dict(config.to_dict()) == config

@@ -13,6 +13,11 @@ weight grid and whose activations go through the per-token grid of the scheme (R
 Hadamard in place), on calibration windows. Round-to-nearest has no useful derivative, so both
 quantizers pass the gradient straight through (STE): ∂Q(x)/∂x = I.
 
+Q_w is RTN, and GPTQ/BoA replace RTN's rounding afterwards: a rotation that helps RTN's errors need
+not help theirs (measured on SmolLM2: GPTQ got worse, 54.2 against 49.6 with the Hadamard). So by
+default (``RotationConfig.objective_weights = "float"``, SpinQuant's choice when GPTQ follows) Q_w
+is the identity and only the activations are quantized in the objective.
+
 Cayley SGD (Li, Li & Todorovic, ICLR 2020) keeps every iterate orthogonal. With G = ∂L/∂R, the
 skew-symmetric A = G Rᵀ − R Gᵀ gives the Riemannian gradient A·R (canonical metric); momentum M
 accumulates A, and the step is the Cayley transform of −αM,
@@ -92,6 +97,7 @@ class RotatedWeight(nn.Module):
 
     def __init__(self, grid, r1: nn.Parameter | None, side: str | None, r2: nn.Parameter | None,
                  role: str) -> None:  # fmt: skip
+        """grid: the weight grid (RTN with STE in the forward), or None for float weights."""
         super().__init__()
         self.grid, self.side, self.role = grid, side, role
         self.r1, self.r2 = r1, r2
@@ -107,7 +113,7 @@ class RotatedWeight(nn.Module):
         elif self.r2 is not None and self.role == "o":
             hd = self.r2.shape[0]
             w = (w.reshape(w.shape[0], -1, hd) @ self.r2).reshape(w.shape)
-        return fake_quant_weight(w, self.grid)
+        return w if self.grid is None else fake_quant_weight(w, self.grid)
 
 
 def install_objective(
@@ -128,7 +134,8 @@ def install_objective(
         for role, linear in adapter.linears(block).items():
             side = "in" if role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES) else "out"
             head_r = r2[i] if r2 and role in ("v", "o") else None
-            grid = quant.weights_for(adapter.linear_name(i, role))
+            rounded = quant.rotation.objective_weights == "rtn"
+            grid = quant.weights_for(adapter.linear_name(i, role)) if rounded else None
             parametrize.register_parametrization(
                 linear, "weight", RotatedWeight(grid, r1, side, head_r, role), unsafe=True
             )
@@ -180,7 +187,8 @@ def learn_rotations(
         for handle in handles:
             handle.remove()
     log.seconds = time.perf_counter() - start
-    how = f"learned: Cayley SGD, {config.steps} steps on {windows.shape[0]} windows, from the "
+    how = (f"learned ({config.objective_weights} weights in the objective): Cayley SGD, "
+           f"{config.steps} steps on {windows.shape[0]} windows, from the ")  # fmt: skip
     applied = dict(plan.report.applied)
     if r1 is not None:
         applied["r1"] = how + plan.report.applied["r1"]
