@@ -43,6 +43,7 @@ from edgeq.models.loading import (
     ModelSource,
     check_vocabulary,
     load_config,
+    load_generation_config,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -315,6 +316,9 @@ def run_export(
     with _timed(timings, "load_s"):
         checkpoint = open_checkpoint(weights_folder(source))
         model = empty_model(model_config)
+        generation = load_generation_config(weights_folder(source))
+        if generation is not None:  # the artifact's generation_config.json: the checkpoint's own
+            model.generation_config = generation
         sizes = linear_sizes(model, adapter)
         load_outer(model, adapter, checkpoint)
         stored = storage_dtype(checkpoint.floating_dtype())
