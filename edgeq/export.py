@@ -43,6 +43,7 @@ from edgeq.models.loading import (
     ModelSource,
     check_vocabulary,
     load_config,
+    load_generation_config,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -77,6 +78,7 @@ from edgeq.validate import (
     write_fp_reference,
 )
 from exporters import graph_writer
+from exporters.genai_config import write_genai_files
 from exporters.onnx_qdq import export_qdq
 from exporters.ort_fused import architecture_blockers, scheme_blockers
 
@@ -315,6 +317,9 @@ def run_export(
     with _timed(timings, "load_s"):
         checkpoint = open_checkpoint(weights_folder(source))
         model = empty_model(model_config)
+        generation = load_generation_config(weights_folder(source))
+        if generation is not None:  # the artifact's generation_config.json: the checkpoint's own
+            model.generation_config = generation
         sizes = linear_sizes(model, adapter)
         load_outer(model, adapter, checkpoint)
         stored = storage_dtype(checkpoint.floating_dtype())
@@ -431,6 +436,7 @@ def run_export(
             log.info("ort format in optimum's graph, not the fused one: %s", "; ".join(info.not_fused))
         if info.merged_nodes:
             log.info("%d duplicate nodes merged (one activation Q/DQ per shared input)", info.merged_nodes)
+        genai = genai_files(tmp, config.format, model_config, adapter)
         del writer  # the ONNX sessions below get the memory the tables held
         gc.collect()
         trim_heap()
@@ -470,6 +476,7 @@ def run_export(
                 "quantized_weights": info.replaced_weights,
                 "merged_duplicate_nodes": info.merged_nodes,
             },
+            "genai": genai,
             "quantization": {
                 "layers": [dataclasses.asdict(s) for s in result.layers],
                 "block_output_rel_error": result.block_output_rel_error,
@@ -500,6 +507,23 @@ def run_export(
                     "%.2f%% (required: %s)", check["relative_difference"] * 100, check["tolerance"] * 100,
                     top1 * 100, check["min_top1_agreement"])  # fmt: skip
     return report
+
+
+GENAI_FORMAT = "ort"  # onnxruntime-genai runs ORT's contrib operators; qdq is for NPU toolchains
+
+
+def genai_files(folder: Path, fmt: str, model_config, adapter) -> dict[str, Any]:
+    """onnxruntime-genai's config (and tokenizer fixes) beside an ``ort`` format graph; for report.json,
+    what was written, or why nothing was."""
+    if fmt != GENAI_FORMAT:
+        reason = f"written for the {GENAI_FORMAT} format only ({fmt}: for NPU toolchains)"
+        return {"config": None, "reason": reason}
+    genai = write_genai_files(folder, model_config, adapter)
+    if genai["config"]:
+        log.info("onnxruntime-genai: %s written", genai["config"])
+    for change in genai.get("tokenizer_changes", []):
+        log.info("tokenizer for onnxruntime-genai's reader: %s", change)
+    return genai
 
 
 def fp32_onnx_speed(model, config: ExportConfig) -> dict[str, Any]:

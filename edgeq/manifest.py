@@ -349,6 +349,30 @@ def _validation_lines(validation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _genai_lines(genai: dict[str, Any]) -> list[str]:
+    """How to run the folder with onnxruntime-genai, where the export wrote its config."""
+    if not genai.get("config"):
+        return []
+    return [
+        f"With onnxruntime-genai, from `{genai['config']}` (no optimum or transformers needed):",
+        "",
+        "```python",
+        "import onnxruntime_genai as og",
+        "",
+        'model = og.Model("path/to/this/folder")',
+        "tokenizer = og.Tokenizer(model)",
+        "params = og.GeneratorParams(model)",
+        "params.set_search_options(max_length=64)  # prompt + new tokens: the KV cache's length",
+        "generator = og.Generator(model, params)",
+        'generator.append_tokens(tokenizer.encode("The capital of France is"))',
+        "while not generator.is_done():",
+        "    generator.generate_next_token()",
+        "print(tokenizer.decode(generator.get_sequence(0)))",
+        "```",
+        "",
+    ]
+
+
 def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
     """Write MODEL_CARD.md from ``report`` (every number comes from it) and the folder's file list.
 
@@ -403,6 +427,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
         "print(tokenizer.decode(out[0], skip_special_tokens=True))",
         "```",
         "",
+        *_genai_lines(report.get("genai") or {}),
         f"- `edgeq verify <folder>`: checks every file against `{MANIFEST_FILE}` (run it first).",
         "- `edgeq validate <folder>`: re-measures perplexity, agreement and latency on this machine.",
         "",

@@ -62,6 +62,11 @@ def test_bundle_holds_report_card_manifest_and_reference(artifact):
     assert [i["name"] for i in manifest["onnx"]["io"]["inputs"]][0] == "input_ids"
     report = json.loads((artifact / "report.json").read_text())
     assert report["validation"]["passed"] is True
+    # onnxruntime-genai's config beside the ort format's graph only, and the card says how to run it
+    ort = report["onnx"]["format"] == "ort"
+    assert (artifact / "genai_config.json").exists() == ort == ("genai_config.json" in manifest["files"])
+    assert bool(report["genai"]["config"]) == ort and (ort or "ort format only" in report["genai"]["reason"])
+    assert ("og.Model(" in (artifact / "MODEL_CARD.md").read_text()) == ort
     assert "CUDAExecutionProvider" in report["validation"]["providers"]  # skipped here, with its reason
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from genai_checks import assert_same_greedy_tokens, assert_same_tokenization
 from real_configs import BOS_ID, REAL_CONFIGS, build_fixture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +97,8 @@ def test_the_architecture_declares_bos_where_its_tokenizer_does_not(real_model):
 # siblings of the same architecture (Gemma3-270M, SmolLM2-360M) run the calibrated methods
 METHODS = {"w4a16": "boa", "w4a4": "gptq"}
 RTN_ONLY = {"gemma3-1b", "llama-3.2-1b"}
+# past TinyMistral's 32-token sliding window from a 16-token prompt
+GENAI_NEW_TOKENS = 40
 
 
 # Every architecture runs its fast path (w4a16, the fused ort graph) and optimum's graph with
@@ -154,3 +157,10 @@ def test_export_passes_parity_and_the_default_gates(real_model, tmp_path, capsys
     onnx_ppl = report["perplexity"]["quant_onnx"]["CPUExecutionProvider"]["accuracy_level_0"]
     assert evaluated["bos"]["bos_token_id"] == bos["bos_token_id"]
     assert evaluated["perplexity"] == pytest.approx(onnx_ppl, rel=1e-5)
+    if fmt == "ort":  # onnxruntime-genai runs the folder as edgeq's decode loop does, past a sliding window
+        genai = report["genai"]
+        assert genai["config"] and genai["past_present_share_buffer"] == fused
+        texts = [line for line in wikitext2_test_string()[:4000].split("\n") if line.strip()][:3]
+        assert_same_tokenization(out, texts)
+        prompt = AutoTokenizer.from_pretrained(out)(texts[0]).input_ids[:16]
+        assert_same_greedy_tokens(out, prompt, GENAI_NEW_TOKENS)

@@ -219,6 +219,31 @@ def test_w4a4_ort_format_export_reports_rotations_and_matches_pytorch(smollm2_w4
     assert config.quant.activations.bits == 4 and config.quant.rotation.enabled
 
 
+def test_onnxruntime_genai_runs_the_ort_artifact_token_for_token(smollm2_w4a4_artifact):
+    """The w4a4 ort artifact in onnxruntime-genai, from its genai_config.json: the greedy tokens of
+    edgeq's own decode loop, the source tokenizer's ids (genai misread the GGUF-converted tokenizer
+    until the export declared it byte-level), and the README's lines as written."""
+    from genai_checks import assert_readme_lines_run, assert_same_greedy_tokens, assert_same_tokenization
+    from transformers import AutoTokenizer
+
+    folder = smollm2_w4a4_artifact
+    genai = json.loads((folder / "report.json").read_text())["genai"]
+    assert genai["config"] == "genai_config.json" and genai["past_present_share_buffer"]
+    assert len(genai["tokenizer_changes"]) == 2  # the class and the decoder's SentencePiece steps
+    source = load_tokenizer(resolve_model("smollm2-135m"))
+    shipped = AutoTokenizer.from_pretrained(folder)
+    texts = ["The capital of France is", " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : 2011 ,",
+             "naïve café — 3.14  two  spaces\tand a tab", "<|im_start|>user\nhello<|im_end|>"]  # fmt: skip
+    assert_same_tokenization(folder, texts)
+    for text in texts:
+        assert shipped(text).input_ids == source(text).input_ids
+    every = [[i] for i in range(len(source))]
+    assert shipped.batch_decode(every) == source.batch_decode(every)  # every id decodes as before
+    prompt = source("The capital of France is").input_ids
+    assert len(assert_same_greedy_tokens(folder, prompt, 32)) == 32
+    assert "France" in assert_readme_lines_run(folder)
+
+
 def test_rotation_is_what_makes_w4a4_work():
     """W4A4 RTN without rotations is far worse than with them (the outliers QuaRot removes)."""
     import dataclasses
@@ -290,5 +315,10 @@ def test_float16_fused_graph_on_smollm2_matches_pytorch_in_float16(tmp_path):
     check = report["onnx_parity"]
     assert report["onnx"] == report["onnx"] | {"graph": "fused", "dtype": "float16"}
     assert check["relative_difference"] <= 0.01 and check["top1_agreement"] >= 0.98
+    # onnxruntime-genai runs the float16 cache on the CPU, token for token as edgeq's decode loop
+    from genai_checks import assert_same_greedy_tokens
+
+    prompt = load_tokenizer(resolve_model("smollm2-135m"))("The capital of France is").input_ids
+    assert len(assert_same_greedy_tokens(out, prompt, 16)) == 16
     # and the float16 graph is still the quantized model: close to the float32 reference
     assert report["perplexity"]["quant_torch"] < 1.5 * report["perplexity"]["fp_torch"]

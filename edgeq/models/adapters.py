@@ -74,6 +74,9 @@ class Adapter:
     activation_key: the config field naming the MLP's gate activation (a transformers ACT2FN name).
     required_config: config.json fields the weights' shapes follow; transformers gives a missing one
     its default silently, so a config.json lacking one is refused instead.
+    genai_types: onnxruntime-genai's model type (``model.type`` in genai_config.json) by
+    ``model_type``; genai runs every one of them as its generic decoder-only LLM, whose inputs and
+    outputs the config names. A model_type not listed gets no genai config.
     """
 
     name: str
@@ -102,6 +105,7 @@ class Adapter:
     required_config: tuple[str, ...] = (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
     )  # fmt: skip
+    genai_types: dict[str, str] = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -214,13 +218,19 @@ class Adapter:
             return window if self.attention_type(config, layer_index) == "sliding_attention" else None
         return window
 
+    def genai_type(self, config: PretrainedConfig) -> str | None:
+        """onnxruntime-genai's name for this model's architecture, or None where it has none."""
+        return self.genai_types.get(config.model_type)
+
     def layer_rotary_path(self, config: PretrainedConfig, layer_index: int) -> str:
         """Path of the rotary module whose (cos, sin) layer ``layer_index`` applies."""
         return self.rotary_paths.get(self.attention_type(config, layer_index), self.rotary_path)
 
 
-LLAMA = Adapter(name="llama", model_types=("llama", "mistral"))
-QWEN2 = Adapter(name="qwen2", model_types=("qwen2",), qkv_bias=True)
+LLAMA = Adapter(
+    name="llama", model_types=("llama", "mistral"), genai_types={"llama": "llama", "mistral": "mistral"}
+)
+QWEN2 = Adapter(name="qwen2", model_types=("qwen2",), qkv_bias=True, genai_types={"qwen2": "qwen2"})
 GEMMA3 = Adapter(
     name="gemma3",
     model_types=("gemma3_text",),
@@ -240,6 +250,7 @@ GEMMA3 = Adapter(
     },
     rotary_paths={"full_attention": "model.rotary_emb", "sliding_attention": "model.rotary_emb_local"},
     activation_key="hidden_activation",
+    genai_types={"gemma3_text": "gemma3_text"},  # genai's "gemma3" is the vision-language model
 )
 
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, QWEN2, GEMMA3)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -218,6 +218,13 @@ def weight_files(source: ModelSource) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
+def load_generation_config(folder: Path) -> GenerationConfig | None:
+    """The checkpoint's own generation_config.json in its weights folder (``weights_folder``): its eos
+    ids (Llama-3-Instruct lists several) and sampling defaults, which a model built from config.json
+    alone does not have; None when the folder has none."""
+    return GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
 
 
 def load_tokenizer(source: ModelSource):
