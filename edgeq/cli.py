@@ -69,7 +69,9 @@ GATE_FLAGS = {
 def _add_validation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("validation gates (default: " + ", ".join(
         f"{k} {GATES[k][0]} {v}" for k, v in DEFAULT_GATES.items()) + ")")  # fmt: skip
-    group.add_argument("--providers", default="cpu,cuda", help="execution providers to check (%(default)s)")
+    group.add_argument(
+        "--providers", default="cpu,cuda", help="runtimes to check: cpu, cuda (ORT), openvino (%(default)s)"
+    )
     group.add_argument("--gates", type=Path, help="TOML file with a [gates] table (replaces the defaults)")
     group.add_argument("--max-ppl-ratio", type=float, help="ONNX perplexity / FP perplexity at most")
     group.add_argument("--min-top1", type=float, help="greedy top-1 agreement with the FP model at least")
@@ -242,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         "one; default %(default)s)",
     )
     export.add_argument(
+        "--qdq-form",
+        default="standard",
+        help="standard: the qdq graph as above; openvino: the same numbers in the form OpenVINO's ONNX "
+        "frontend reads (a weight whose input width is not a whole number of blocks split in two "
+        "MatMuls; per-token activation Q/DQ per axis on a transposed view) (default %(default)s)",
+    )
+    export.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "float16"),
@@ -360,6 +369,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         calibration=CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed),
         evaluation=EvalConfig(args.eval_text, args.eval_seq_len, args.eval_windows),
         format=args.format,
+        qdq_form=args.qdq_form,
         device=args.device,
         dtype=args.dtype,
         validation=ValidationConfig(

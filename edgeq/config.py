@@ -325,6 +325,8 @@ class ExportConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     onnx_opset: int = 21
     format: str = "qdq"
+    # the qdq graph's form: "standard", or "openvino" (what OpenVINO's ONNX frontend reads)
+    qdq_form: str = "standard"
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # where calibration and quantization run ("cpu", "cuda", or "auto": CUDA when torch sees one)
     device: str = "auto"
@@ -357,6 +359,7 @@ class ExportConfig:
             evaluation=EvalConfig(**data.get("evaluation", {})),
             onnx_opset=data.get("onnx_opset", 21),
             format=data.get("format", "qdq"),
+            qdq_form=data.get("qdq_form", "standard"),
             validation=_validation_from_dict(data.get("validation", {})),
             device=data.get("device", "auto"),
             dtype=data.get("dtype", "float32"),

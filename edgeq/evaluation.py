@@ -42,56 +42,27 @@ def torch_logits_fn(model) -> LogitsFn:
     return run
 
 
-class OrtCausalLM:
-    """A decoder-with-past ONNX model (optimum layout) in an ORT session.
-
-    accuracy_level: the MatMulNBits accuracy level, whether ORT fuses int4 DequantizeLinear → MatMul
-    into MatMulNBits or the graph holds them (0 = float32 compute, exact to the fake-quantized
-    weights; 4 = int8 activations, faster; None = as ORT and the graph set it, what a user gets).
+class DecoderLM:
+    """A decoder-with-past ONNX model (optimum's layout: input_ids, attention_mask, position_ids,
+    past_key_values.i.key / .value in; logits, present.i.key / .value out) behind one runtime:
+    what perplexity, validation and the latency timings call. A runtime's subclass opens the model,
+    sets ``input_names``, ``input_dtypes`` (name → float numpy type of a float input, None for
+    another float type) and ``active_providers``, and implements ``run``.
 
     The cache is fed in the element type each past input declares (float32, or float16 in a float16
     graph); logits come back as float32 whatever the graph's logits output is.
     """
 
     FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    input_names: set[str]
+    input_dtypes: dict[str, type | None]
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        provider: str = "CPUExecutionProvider",
-        accuracy_level: int | None = 0,
-        threads: int | None = None,
-    ):
-        import onnxruntime as ort
-
-        model_dir = Path(model_dir)
-        path = model_dir / "model.onnx"
-        if not path.exists():
-            raise EdgeqError(f"no model.onnx in {model_dir}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        # for DequantizeLinear → MatMul that ORT fuses; explicit MatMulNBits carry it as an attribute
-        if accuracy_level is not None:
-            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-        if threads:
-            options.intra_op_num_threads = threads
-        source: str | bytes = str(path)
-        graph = onnx.load(str(path), load_external_data=False)
-        if accuracy_level is not None and any(node.op_type == "MatMulNBits" for node in graph.graph.node):
-            set_accuracy_level(graph, accuracy_level)
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(model_dir)
-            )
-            source = graph.SerializeToString()
-        if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA and cuDNN from torch or the nvidia-* wheels (onnxruntime-gpu >= 1.21)
-        self.session = ort.InferenceSession(source, options, providers=[provider])
-        self.provider = provider
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        # the cache's element type as the graph declares it: float32, or float16 in a float16 graph
-        self.input_dtypes = {i.name: self.FLOAT_TYPES.get(i.type) for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        config = json.loads((model_dir / "config.json").read_text())
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.path = self.model_dir / "model.onnx"
+        if not self.path.exists():
+            raise EdgeqError(f"no model.onnx in {self.model_dir}")
+        config = json.loads((self.model_dir / "config.json").read_text())
         self.num_layers = config["num_hidden_layers"]
         self.num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -99,9 +70,12 @@ class OrtCausalLM:
 
     @property
     def active_providers(self) -> list[str]:
-        """The providers the session really runs on (ORT falls back to the CPU when, say, the CUDA
-        provider's libraries fail to load)."""
-        return self.session.get_providers()
+        """The runtimes the model really runs on."""
+        raise NotImplementedError
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs (``outputs``, or all of them) by name for ``feeds``."""
+        raise NotImplementedError
 
     def _past_dtype(self, name: str) -> type:
         dtype = self.input_dtypes.get(name, np.float32)
@@ -141,7 +115,7 @@ class OrtCausalLM:
             feeds["attention_mask"] = np.ones((b, start + length), np.int64)
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.broadcast_to(np.arange(start, start + length), (b, length)).copy()
-        outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        outputs = self.run(feeds)
         present = {
             name.replace("present", "past_key_values"): value
             for name, value in outputs.items()
@@ -162,5 +136,59 @@ class OrtCausalLM:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, L] -> logits [b, L, vocab] (a fresh prefill, no cache)."""
-        (logits,) = self.session.run(["logits"], self.prefill_feeds(input_ids))
+        logits = self.run(self.prefill_feeds(input_ids), ["logits"])["logits"]
         return torch.from_numpy(self._float32(logits))
+
+
+class OrtCausalLM(DecoderLM):
+    """The decoder in an ONNX Runtime session on one execution provider.
+
+    accuracy_level: the MatMulNBits accuracy level, whether ORT fuses int4 DequantizeLinear → MatMul
+    into MatMulNBits or the graph holds them (0 = float32 compute, exact to the fake-quantized
+    weights; 4 = int8 activations, faster; None = as ORT and the graph set it, what a user gets).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        provider: str = "CPUExecutionProvider",
+        accuracy_level: int | None = 0,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        super().__init__(model_dir)
+        model_dir, path = self.model_dir, self.path
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        # for DequantizeLinear → MatMul that ORT fuses; explicit MatMulNBits carry it as an attribute
+        if accuracy_level is not None:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        if threads:
+            options.intra_op_num_threads = threads
+        source: str | bytes = str(path)
+        graph = onnx.load(str(path), load_external_data=False)
+        if accuracy_level is not None and any(node.op_type == "MatMulNBits" for node in graph.graph.node):
+            set_accuracy_level(graph, accuracy_level)
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(model_dir)
+            )
+            source = graph.SerializeToString()
+        if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from torch or the nvidia-* wheels (onnxruntime-gpu >= 1.21)
+        self.session = ort.InferenceSession(source, options, providers=[provider])
+        self.provider = provider
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        # the cache's element type as the graph declares it: float32, or float16 in a float16 graph
+        self.input_dtypes = {i.name: self.FLOAT_TYPES.get(i.type) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers the session really runs on (ORT falls back to the CPU when, say, the CUDA
+        provider's libraries fail to load)."""
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self.output_names
+        return dict(zip(names, self.session.run(names, feeds), strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -50,6 +51,7 @@ from edgeq.models.loading import (
     weight_files,
     weights_folder,
 )
+from edgeq.openvino_runtime import OPENVINO_CPU, PRECISIONS, OpenVinoCausalLM, openvino_missing
 from edgeq.pipeline import (
     EvalStreams,
     QuantizationResult,
@@ -80,6 +82,7 @@ from edgeq.validate import (
 from exporters import graph_writer
 from exporters.genai_config import write_genai_files
 from exporters.onnx_qdq import export_qdq
+from exporters.openvino_form import check_form
 from exporters.ort_fused import architecture_blockers, scheme_blockers
 
 log = logging.getLogger("edgeq")
@@ -144,6 +147,11 @@ def validate_inputs(config: ExportConfig) -> None:
     method_class(config.quant.method)
     if config.format not in FORMATS:
         raise EdgeqError(f"unknown format '{config.format}': choose one of {', '.join(FORMATS)}")
+    check_form(config.qdq_form)
+    if config.qdq_form != "standard" and config.format != "qdq":
+        raise EdgeqError(
+            f"--qdq-form {config.qdq_form} rewrites the qdq format's graph, not --format {config.format}"
+        )
     if config.device not in DEVICES:
         raise EdgeqError(f"unknown device '{config.device}': choose one of {', '.join(DEVICES)}")
     if config.dtype not in GRAPH_TORCH_DTYPES:
@@ -379,7 +387,8 @@ def run_export(
                 )
             config = dataclasses.replace(config, quant=quant)  # with the allocated widths
             report["config"] = config.to_dict()
-        writer = graph_writer(model, adapter, tmp, config.format, blockers, config.onnx_opset, config.dtype)
+        writer = graph_writer(model, adapter, tmp, config.format, blockers, config.onnx_opset, config.dtype,
+                              config.qdq_form)  # fmt: skip
         blocks = CheckpointBlocks(model, adapter, checkpoint)
         result = QuantizationResult()
         with _timed(timings, "quantize_s"):
@@ -440,20 +449,20 @@ def run_export(
         del writer  # the ONNX sessions below get the memory the tables held
         gc.collect()
         trim_heap()
-        compared = {}
         with _timed(timings, "eval_quant_s"):
-            for level in (0, 4):  # one session at a time
-                lm = OrtCausalLM(tmp, ONNX_PROVIDER, level)
-                compared |= agreement_with(quant_scores, {f"accuracy_level_{level}": lm.logits}, windows,
-                                           f"ONNX (accuracy level {level}) vs PyTorch", progress)  # fmt: skip
-                del lm
+            runtimes_ppl, agreement, not_run = onnx_runtime_scores(
+                tmp, quant_scores, windows, config.validation.providers, progress
+            )
         ppl["quant_torch"] = quant_scores.perplexity
-        ppl["quant_onnx"] = {ONNX_PROVIDER: {k: v["perplexity"] for k, v in compared.items()}}
-        agreement = {ONNX_PROVIDER: {k: v["top1_agreement"] for k, v in compared.items()}}
+        ppl["quant_onnx"] = runtimes_ppl
+        if not_run:
+            ppl["quant_onnx_not_run"] = not_run
         ppl_onnx = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_0"]
         level4 = ppl["quant_onnx"][ONNX_PROVIDER]["accuracy_level_4"]
         log.info("quantized perplexity: PyTorch %.3f, ONNX Runtime CPU %.3f (accuracy level 4: %.3f)",
                  ppl["quant_torch"], ppl_onnx, level4)  # fmt: skip
+        for setting, value in ppl["quant_onnx"].get(OPENVINO_CPU, {}).items():
+            log.info("quantized perplexity: %s (%s) %.3f", OPENVINO_CPU, setting, value)
         top1 = agreement[ONNX_PROVIDER]["accuracy_level_0"]
         acts_quantized = quant.activations.enabled or quant.activations.kv_bits < 16
         report |= {
@@ -475,6 +484,8 @@ def run_export(
                 "opset": config.onnx_opset,
                 "quantized_weights": info.replaced_weights,
                 "merged_duplicate_nodes": info.merged_nodes,
+                "qdq_form": config.qdq_form if config.format == "qdq" else None,
+                "form_rewrites": info.form_rewrites,
             },
             "genai": genai,
             "quantization": {
@@ -524,6 +535,56 @@ def genai_files(folder: Path, fmt: str, model_config, adapter) -> dict[str, Any]
     for change in genai.get("tokenizer_changes", []):
         log.info("tokenizer for onnxruntime-genai's reader: %s", change)
     return genai
+
+
+def onnx_runtime_openers(folder: Path, providers: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
+    """What scores the quantized graph: provider → setting → a function that opens it (ORT's CPU
+    provider at MatMulNBits accuracy levels 0 and 4; with ``openvino`` among ``providers``, OpenVINO's
+    CPU runtime at each of its PRECISIONS), and provider → why it cannot run here."""
+    openers: dict[str, dict[str, Callable[[], Any]]] = {
+        ONNX_PROVIDER: {
+            f"accuracy_level_{level}": functools.partial(OrtCausalLM, folder, ONNX_PROVIDER, level)
+            for level in (0, 4)
+        }
+    }
+    not_run = {}
+    if "openvino" in providers:
+        missing = openvino_missing()
+        if missing:
+            not_run[OPENVINO_CPU] = missing
+        else:
+            openers[OPENVINO_CPU] = {
+                precision: functools.partial(OpenVinoCausalLM, folder, precision) for precision in PRECISIONS
+            }
+    return openers, not_run
+
+
+def onnx_runtime_scores(
+    folder: Path, quant_scores, windows: torch.Tensor, providers: tuple[str, ...], progress: bool
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, str]]:
+    """The graph in ``folder`` scored on the evaluation windows [n, L] by each runtime and setting of
+    ``onnx_runtime_openers``, one session at a time: perplexities and greedy top-1 agreement with the
+    quantized PyTorch model (``quant_scores``), both as provider → setting → value, and provider →
+    why it did not run. A runtime other than ORT that cannot read the graph is reported, not fatal."""
+    openers, not_run = onnx_runtime_openers(folder, providers)
+    ppl: dict[str, dict[str, float]] = {}
+    agreement: dict[str, dict[str, float]] = {}
+    for provider, settings in openers.items():
+        for setting, open_model in settings.items():
+            try:
+                lm = open_model()
+            except EdgeqError as err:
+                if provider == ONNX_PROVIDER:
+                    raise
+                log.warning("%s: %s", provider, err)
+                not_run[provider] = str(err)
+                break
+            compared = agreement_with(quant_scores, {setting: lm.logits}, windows,
+                                      f"{provider} ({setting}) vs PyTorch", progress)[setting]  # fmt: skip
+            del lm
+            ppl.setdefault(provider, {})[setting] = compared["perplexity"]
+            agreement.setdefault(provider, {})[setting] = compared["top1_agreement"]
+    return ppl, agreement, not_run
 
 
 def fp32_onnx_speed(model, config: ExportConfig) -> dict[str, Any]:

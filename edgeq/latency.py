@@ -1,4 +1,4 @@
-"""Prefill latency and KV-cache decode speed of an ONNX decoder in ONNX Runtime, and peak memory."""
+"""Prefill latency and KV-cache decode speed of an ONNX decoder (in ORT or OpenVINO), and peak memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import psutil
 
-from edgeq.evaluation import OrtCausalLM
+from edgeq.evaluation import DecoderLM
 
 
 def _percentiles(values: list[float], higher_is_better: bool = False) -> dict[str, float]:
@@ -18,7 +18,7 @@ def _percentiles(values: list[float], higher_is_better: bool = False) -> dict[st
 
 
 def measure_decode(
-    lm: OrtCausalLM, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 5, seed: int = 0
+    lm: DecoderLM, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 5, seed: int = 0
 ) -> dict[str, object]:
     """Time ``repeats`` runs (after one warm-up) of: a prefill of a random ``prompt_len``-token prompt,
     then ``new_tokens`` greedy decode steps with the KV cache. Prefill in ms, decode in tokens/s

@@ -250,7 +250,9 @@ def _yes(value: Any) -> str:
     return {True: "passed", False: "**failed**"}.get(value, "—")
 
 
-def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], graph: str = "") -> list[str]:
+def _runtime_notes(
+    quant: dict[str, Any], fmt: str, rotation: dict[str, Any], graph: str = "", qdq_form: str | None = None
+) -> list[str]:
     """What runs natively and what is emulated, per runtime: the part a receiving team gets wrong."""
     weights, acts = quant.get("weights", {}), quant.get("activations") or {}
     wbits, abits, kv_bits = weights.get("bits"), acts.get("bits", 16), acts.get("kv_bits", 16)
@@ -306,7 +308,25 @@ def _runtime_notes(quant: dict[str, Any], fmt: str, rotation: dict[str, Any], gr
             f"- **Rotations {', '.join(online)}**: run online as small MatMuls (Kronecker factors of "
             "a Hadamard), on every runtime."
         )
+    if fmt == "qdq":
+        notes.append(_openvino_note(qdq_form))
     return notes
+
+
+def _openvino_note(qdq_form: str | None) -> str:
+    """What OpenVINO's CPU runtime makes of a qdq graph in this form."""
+    if qdq_form == "openvino":
+        return (
+            "- **OpenVINO**: this graph is in the form OpenVINO's ONNX frontend reads (`--qdq-form "
+            "openvino`: a weight whose input width is not a whole number of blocks as two MatMuls, "
+            "per-token activation Q/DQ per axis on a transposed view); the same numbers as the standard "
+            "form. Its CPU plugin runs the activation Q/DQ as FakeQuantize (emulated in float)."
+        )
+    return (
+        "- **OpenVINO**: its ONNX frontend (2026.4) rejects a blocked DequantizeLinear whose input width "
+        "is not a whole number of blocks and per-token activation Q/DQ pairs on dynamic shapes; "
+        "`edgeq export --qdq-form openvino` writes the same numbers in a form it reads."
+    )
 
 
 def _gate_line(gate: Any) -> str:
@@ -333,8 +353,9 @@ def _validation_lines(validation: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, v in (validation.get("providers") or {}).items():
-        if "skipped" in v:
-            lines.append(f"| {name} | skipped: {v['skipped']} | | | | |")
+        if "skipped" in v or "error" in v:
+            status = f"skipped: {v['skipped']}" if "skipped" in v else f"**cannot run it**: {v['error']}"
+            lines.append(f"| {name} | {status} | | | | |")
             continue
         pre, dec = v.get("prefill_ms") or {}, v.get("decode_tokens_per_s") or {}
         lines.append(
@@ -433,7 +454,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
         "",
         "## What runs natively and what is emulated",
         "",
-        *_runtime_notes(quant, fmt, rotation, onnx_info.get("graph", "")),
+        *_runtime_notes(quant, fmt, rotation, onnx_info.get("graph", ""), onnx_info.get("qdq_form")),
         "",
         "## What it was validated on",
         "",
@@ -454,7 +475,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
     for provider, levels in (ppl.get("quant_onnx") or {}).items():
         for level, value in levels.items():
             top1 = agreement.get(provider, {}).get(level)
-            runtime = f"ONNX Runtime {provider}, {level.replace('_', ' ')}"
+            name = f"ONNX Runtime {provider}" if provider.endswith("ExecutionProvider") else provider
+            runtime = f"{name}, {level.replace('_', ' ')}"
             lines.append(f"| quantized | {runtime} | {_num(value)} | {_pct(top1)} |")
     lines += [
         "",

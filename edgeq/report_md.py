@@ -262,7 +262,9 @@ def _validation_failures(validation: dict) -> list[str]:
         f"{g.get('name')} on {_provider(g.get('provider') or DASH)}" for g in gates if not g.get("passed")
     ]
     broken = [_provider(name) for name, m in providers.items() if m.get("generation_ok") is False]
+    unrunnable = [_provider(name) for name, m in providers.items() if "error" in m]
     parts = [f"failed gates: {', '.join(failed)}"] if failed else []
+    parts += [f"cannot run on {', '.join(unrunnable)}"] if unrunnable else []
     return parts + ([f"generation gave NaN/Inf on {', '.join(broken)}"] if broken else [])
 
 
@@ -388,6 +390,9 @@ def _onnx_rows(report: dict) -> list[tuple[str, str]]:
         text += "; graph of ORT's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization)"
     elif onnx.get("not_fused"):
         text += "; optimum's graph, not the fused one: " + "; ".join(onnx["not_fused"])
+    if onnx.get("qdq_form") == "openvino":
+        done = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in (onnx.get("form_rewrites") or {}).items())
+        text += f"; in the form OpenVINO reads (`--qdq-form openvino`{'; ' + done if done else ''})"
     return [("ONNX", text)]
 
 
@@ -412,9 +417,15 @@ def _perplexity(report: dict, plot_names: dict[str, str]) -> list[str]:
     fp = _get(report, "perplexity", "fp_torch")
     rows = [(label, _ppl(v), _ratio(_div(v, fp)), _ratio(a)) for label, v, a in _perplexity_rows(report)]
     headers = ("Model", "Perplexity", "Ratio to FP", "Top-1 agreement with PyTorch")
-    lines = ["## Perplexity", "", *_table(headers, rows), "", *_parity_line(report)]
+    lines = ["## Perplexity", "", *_table(headers, rows), *_not_run(report), "", *_parity_line(report)]
     lines += ["", *_image(plot_names, "perplexity", "Perplexity by model and runtime")]
     return lines + _validation_accuracy(report)
+
+
+def _not_run(report: dict) -> list[str]:
+    """The runtimes asked for that did not score the graph, and why."""
+    not_run = _get(report, "perplexity", "quant_onnx_not_run", default={}) or {}
+    return ["", *(f"Not run on {_provider(name)}: {why}" for name, why in not_run.items())] if not_run else []
 
 
 def _parity_line(report: dict) -> list[str]:
@@ -444,6 +455,8 @@ def _validation_row(provider: str, m: dict, fp: Any) -> tuple[str, ...]:
     """One provider's accuracy row; a provider that could not run here says why instead."""
     if "skipped" in m:
         return (provider, DASH, DASH, DASH, DASH, f"skipped: {m['skipped']}")
+    if "error" in m:
+        return (provider, DASH, DASH, DASH, DASH, f"**cannot run it**: {m['error']}")
     generation = {None: DASH, True: "ok", False: "NaN/Inf"}[m.get("generation_ok")]
     ppl = m.get("perplexity")
     agreement, kl = _ratio(m.get("top1_agreement_fp")), _fmt(m.get("kl_fp"), ".4f")

@@ -23,13 +23,16 @@ from tqdm.auto import tqdm
 
 from edgeq.config import ValidationConfig
 from edgeq.errors import EdgeqError, first_line
-from edgeq.evaluation import LogitsFn, OrtCausalLM
+from edgeq.evaluation import DecoderLM, LogitsFn, OrtCausalLM
 from edgeq.latency import PeakRSS, measure_decode
 from edgeq.manifest import MANIFEST_FILE, layout_problems
+from edgeq.openvino_runtime import OPENVINO_CPU, OpenVinoCausalLM, openvino_missing
 
 REFERENCE_FILE = "reference/fp_topk.npz"
 TOP_K = 32
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# --providers name → the provider's name in reports: ONNX Runtime's execution providers, and
+# OpenVINO's own CPU runtime (edgeq.openvino_runtime; not ONNX Runtime's OpenVINO provider)
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "openvino": OPENVINO_CPU}
 GENERATE_TOKENS = 32
 
 # gate name -> (comparison, what is compared)
@@ -115,7 +118,7 @@ def compare_with_fp(logits_fn: LogitsFn, ref: FPReference, progress: bool = True
     }
 
 
-def greedy_generation_is_finite(lm: OrtCausalLM, prompt: np.ndarray, new_tokens: int) -> bool:
+def greedy_generation_is_finite(lm: DecoderLM, prompt: np.ndarray, new_tokens: int) -> bool:
     """Greedy decoding with the KV cache; False as soon as any logit is NaN or Inf."""
     logits, past = lm.step(prompt, lm.empty_past(1), 0)
     for t in range(new_tokens):
@@ -136,6 +139,9 @@ def provider_status(names: list[str]) -> dict[str, str | None]:
         if name not in PROVIDERS:
             raise EdgeqError(f"unknown provider '{name}': choose from {', '.join(PROVIDERS)}")
         full = PROVIDERS[name]
+        if full == OPENVINO_CPU:
+            status[full] = openvino_missing()
+            continue
         status[full] = None if full in available else (
             f"{full} is not available in this onnxruntime build ({', '.join(available)}); "
             "install onnxruntime-gpu on a machine with a GPU"
@@ -151,6 +157,15 @@ def fallback_reason(provider: str, active: list[str]) -> str:
     return why
 
 
+def open_for_validation(folder: Path, provider: str, threads: int | None) -> DecoderLM:
+    """The artifact on ``provider`` (a value of PROVIDERS) as the receiving team runs it: ORT's
+    MatMulNBits accuracy level as ORT and the graph set it, OpenVINO's CPU plugin defaults. EdgeqError
+    when OpenVINO cannot read the graph."""
+    if provider == OPENVINO_CPU:
+        return OpenVinoCausalLM(folder, "cpu_defaults", threads=threads)
+    return OrtCausalLM(folder, provider=provider, accuracy_level=None, threads=threads)
+
+
 def validate_provider(
     folder: Path,
     provider: str,
@@ -161,10 +176,17 @@ def validate_provider(
     decode_tokens: int = ValidationConfig.decode_tokens,
 ) -> dict:
     """Every measurement of one execution provider, in the session options the receiving team gets
-    (MatMulNBits accuracy level as ORT or the graph sets it); ``{"skipped": why}`` when ORT could not
-    put the session on that provider (it falls back to the CPU, e.g. onnxruntime-gpu without a GPU)."""
+    (MatMulNBits accuracy level as ORT or the graph sets it; OpenVINO's CPU plugin defaults);
+    ``{"skipped": why}`` when ORT could not put the session on that provider (it falls back to the
+    CPU, e.g. onnxruntime-gpu without a GPU); ``{"error": why}`` when OpenVINO cannot read the graph
+    (a finding about the artifact, which fails the validation)."""
     with PeakRSS() as peak:
-        lm = OrtCausalLM(folder, provider=provider, accuracy_level=None, threads=threads)
+        try:
+            lm = open_for_validation(folder, provider, threads)
+        except EdgeqError as err:
+            if provider != OPENVINO_CPU:
+                raise
+            return {"error": str(err)}
         if provider not in lm.active_providers:
             return {"skipped": fallback_reason(provider, lm.active_providers)}
         metrics: dict[str, Any] = compare_with_fp(lm.logits, ref, progress)
@@ -189,14 +211,15 @@ class GateResult:
 
 @dataclass
 class ValidationResult:
-    providers: dict[str, dict] = field(default_factory=dict)  # measurements, or {"skipped": why}
+    # measurements, or {"skipped": why} (not here), or {"error": why} (cannot run the artifact)
+    providers: dict[str, dict] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
     files_bytes: int = 0
 
     @property
     def passed(self) -> bool:
         return all(g.passed for g in self.gates) and all(
-            m.get("generation_ok", True) for m in self.providers.values()
+            m.get("generation_ok", True) and "error" not in m for m in self.providers.values()
         )
 
     def to_dict(self) -> dict:
@@ -315,7 +338,7 @@ def validate(
             continue
         metrics = validate_provider(folder, provider, ref, threads, progress, latency_runs, decode_tokens)
         result.providers[provider] = metrics
-        if "skipped" in metrics:
+        if "skipped" in metrics or "error" in metrics:
             continue
         values = gate_values(metrics, report, ref, result.files_bytes)
         result.gates += apply_gates(values, gates, provider)
@@ -330,8 +353,9 @@ def format_table(result: ValidationResult) -> str:
         lines.append(f"{g.provider:22s} {g.name:18s} {value:>10s} {g.op} {g.limit:>8.4g}  "
                      f"{'PASS' if g.passed else 'FAIL'} {g.note}".rstrip())  # fmt: skip
     for provider, m in result.providers.items():
-        if "skipped" in m:
-            lines.append(f"{provider:22s} skipped: {m['skipped']}")
+        if "skipped" in m or "error" in m:
+            status = "skipped" if "skipped" in m else "FAILED"
+            lines.append(f"{provider:22s} {status}: {m.get('skipped') or m['error']}")
         else:
             lines.append(
                 f"{provider:22s} perplexity {m['perplexity']:.3f}, top-1 vs FP {m['top1_agreement_fp']:.3f}, "
@@ -345,7 +369,7 @@ def format_table(result: ValidationResult) -> str:
 
 def junit_xml(result: ValidationResult, suite: str = "edgeq.validate") -> str:
     """JUnit XML for CI systems: one test case per gate and provider, one per generation check, a
-    skipped case per missing provider."""
+    skipped case per missing provider, a failed one per provider that cannot run the artifact."""
     root = ElementTree.Element("testsuite", name=suite)
     cases = 0
     failures = 0
@@ -362,6 +386,9 @@ def junit_xml(result: ValidationResult, suite: str = "edgeq.validate") -> str:
         cases += 1
         if "skipped" in m:
             ElementTree.SubElement(case, "skipped", message=m["skipped"])
+        elif "error" in m:
+            failures += 1
+            ElementTree.SubElement(case, "failure", message=m["error"], type="CannotRun")
         elif not m["generation_ok"]:
             failures += 1
             ElementTree.SubElement(case, "failure", message="NaN or Inf logits during generation")

@@ -4,7 +4,8 @@
     writer = graph_writer(model, adapter, out_dir, "ort", blockers)  # the streamed export:
     writer.begin(tables); writer.add_block(i, block, qweights) ...; info = writer.finish(weights)
 
-``qdq``: optimum's graph with int4 DequantizeLinear weights, for NPU toolchains.
+``qdq``: optimum's graph with int4 DequantizeLinear weights, for NPU toolchains (``qdq_form``
+"openvino": rewritten into the form OpenVINO's ONNX frontend reads, ``openvino_form``).
 ``ort``: ONNX Runtime's fast path: where the model allows it, a graph of ORT's fused operators
 (``ort_fused``); otherwise optimum's graph with MatMulNBits weights, and ``info.not_fused`` says why.
 
@@ -27,14 +28,15 @@ FORMATS = ("qdq", "ort")
 
 
 def export_onnx(
-    model, adapter, result, out_dir: Path, fmt: str, opset: int = DEFAULT_OPSET, dtype: str = "float32"
-) -> OnnxExportInfo:
+    model, adapter, result, out_dir: Path, fmt: str, opset: int = DEFAULT_OPSET, dtype: str = "float32",
+    qdq_form: str = "standard",
+) -> OnnxExportInfo:  # fmt: skip
     """Write ``model`` (quantized in place; ``result`` its pipeline QuantizationResult, or None for a
     float model) as ``out_dir``/model.onnx in format ``fmt``: its blocks fed to ``graph_writer``."""
     weights = result.weights if result is not None else {}
     tables = result.tables if result is not None else {}
     blockers = fused_graph_blockers(model, adapter) if fmt == "ort" else []
-    writer = graph_writer(model, adapter, out_dir, fmt, blockers, opset, dtype)
+    writer = graph_writer(model, adapter, out_dir, fmt, blockers, opset, dtype, qdq_form)
     writer.begin(tables)
     for i, block in enumerate(adapter.blocks(model)):
         names = {role: adapter.linear_name(i, role) for role in adapter.linears(block)}
@@ -44,12 +46,14 @@ def export_onnx(
 
 def graph_writer(
     model, adapter: Adapter, out_dir: Path, fmt: str, blockers: list[str], opset: int = DEFAULT_OPSET,
-    dtype: str = "float32",
+    dtype: str = "float32", qdq_form: str = "standard",
 ) -> FusedDecoderWriter | BlockTraceWriter:  # fmt: skip
     """The writer of the streamed export: the fused graph where the ort format can use it
-    (``blockers`` empty), else optimum's graph traced block by block."""
+    (``blockers`` empty), else optimum's graph traced block by block (``qdq_form``: the qdq graph's
+    form, ``exporters.openvino_form``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown ONNX format '{fmt}': choose one of {', '.join(FORMATS)}")
     if fmt == "ort" and not blockers:
         return FusedDecoderWriter(model, adapter, out_dir, opset, dtype=dtype)
-    return BlockTraceWriter(model, adapter, out_dir, fmt, opset, not_fused=tuple(blockers), dtype=dtype)
+    return BlockTraceWriter(model, adapter, out_dir, fmt, opset, not_fused=tuple(blockers), dtype=dtype,
+                            qdq_form=qdq_form)  # fmt: skip

@@ -60,6 +60,7 @@ from exporters.onnx_qdq import (
     replace_weights_with_qdq,
     share_tied_table,
 )
+from exporters.openvino_form import check_form, per_token_qdq_per_axis, split_ragged_blocks
 from exporters.ort_fused import GRAPH_DTYPES, ExternalData
 from exporters.ort_matmulnbits import MS_DOMAIN, convert_to_matmulnbits
 
@@ -362,6 +363,7 @@ class BlockTraceWriter:
     opset: int = DEFAULT_OPSET
     not_fused: tuple[str, ...] = ()  # why an ort graph is this one, not the fused one
     dtype: str = "float32"  # the graph's float type: "float32" or "float16" (logits stay float32)
+    qdq_form: str = "standard"  # "openvino": the form OpenVINO reads (``exporters.openvino_form``)
     tables: dict[str, QuantizedWeight] = field(default_factory=dict)
     parts: list[LayerPart] = field(default_factory=list)
     replaced: int = 0
@@ -369,7 +371,11 @@ class BlockTraceWriter:
     def __post_init__(self):
         if self.dtype not in GRAPH_DTYPES:
             raise ValueError(f"graph dtype must be one of {', '.join(GRAPH_DTYPES)}, got {self.dtype}")
+        check_form(self.qdq_form)
+        if self.qdq_form != "standard" and self.fmt != "qdq":
+            raise ValueError(f"qdq form '{self.qdq_form}' is for the qdq format, not {self.fmt}")
         self.float_type = GRAPH_DTYPES[self.dtype]
+        self.rewrites: dict[str, int] = {}
         self.torch_dtype = {"float32": torch.float32, "float16": torch.float16}[self.dtype]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.sink = ExternalData(self.out_dir / EXTERNAL_DATA_FILE)
@@ -380,11 +386,16 @@ class BlockTraceWriter:
     def _integer_weights(self, graph_model: onnx.ModelProto, weights, tables=None) -> None:
         replaced = replace_weights_with_qdq(graph_model, weights, tables, self.float_type)
         narrow_activation_qdq(graph_model)
+        if self.qdq_form == "openvino":  # the weights' data is here only until the block is written
+            self._count("ragged_weights_split", split_ragged_blocks(graph_model))
         if self.fmt == "ort":
             converted = convert_to_matmulnbits(graph_model, scale_dtype=self.float_type)
             if converted != replaced:
                 raise EdgeqError(f"only {converted} of {replaced} integer weights could become MatMulNBits")
         self.replaced += replaced
+
+    def _count(self, rewrite: str, count: int) -> None:
+        self.rewrites[rewrite] = self.rewrites.get(rewrite, 0) + count
 
     def add_block(self, index: int, block: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> None:
         """Trace block ``index`` in its shell (on the CPU; it goes back to its device after),
@@ -487,6 +498,8 @@ class BlockTraceWriter:
         # after the stitch, not per shell: a block's nodes must keep their own names until
         # extract_layer has taken them out (a merge could make them read the shell's outer tensors)
         merged = merge_duplicate_nodes(graph_model)
+        if self.qdq_form == "openvino":  # after the merge: one rewritten pair per shared input
+            self._count("activation_pairs_per_axis", per_token_qdq_per_axis(graph_model))
         raise_opset_for_int2(graph_model)
         path = self.out_dir / MODEL_FILE
         onnx.save_model(graph_model, str(path))
@@ -497,4 +510,4 @@ class BlockTraceWriter:
         not_fused = self.not_fused if self.fmt == "ort" else ()
         sizes = component_bytes(graph_model)
         return OnnxExportInfo(path, self.replaced, onnx_bytes(self.out_dir), True, sizes, not_fused=not_fused,
-                              merged_nodes=merged)  # fmt: skip
+                              merged_nodes=merged, form_rewrites=dict(self.rewrites))  # fmt: skip

@@ -11,10 +11,11 @@ whatever name the exporter gave it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.errors import EdgeqError
 from edgeq.packing import pack_bits
 from edgeq.quant.grid import QuantizedWeight
+from exporters.openvino_form import check_form, to_openvino_form
 
 # Protobuf cannot serialize a single file over 2 GiB; above this the weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -54,6 +56,8 @@ class OnnxExportInfo:
     graph: str = "optimum"
     not_fused: tuple[str, ...] = ()
     merged_nodes: int = 0  # duplicate nodes removed by ``merge_duplicate_nodes``
+    # --qdq-form openvino: what ``exporters.openvino_form`` rewrote, by rewrite
+    form_rewrites: dict[str, int] = field(default_factory=dict)
 
 
 def export_decoder_with_past(model, out_dir: Path, opset: int) -> Path:
@@ -464,32 +468,37 @@ def export_qdq(
     out_dir: Path,
     opset: int = DEFAULT_OPSET,
     tables: dict[str, QuantizedWeight] | None = None,
+    form: str = "standard",
 ) -> OnnxExportInfo:
     """Write ``out_dir/model.onnx`` (+ config files) for a model whose quantized linears (and
-    quantized embedding, ``tables``) hold their dequantized weights. Checked with ``onnx.checker``
+    quantized embedding, ``tables``) hold their dequantized weights; ``form`` "openvino" rewrites
+    it into the form OpenVINO reads (``exporters.openvino_form``). Checked with ``onnx.checker``
     (full_check)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeq-onnx-") as tmp:
         fp_path = export_decoder_with_past(model, Path(tmp), opset)
-        return qdq_from_trace(fp_path, weights, out_dir, tables)
+        return qdq_from_trace(fp_path, weights, out_dir, tables, form)
 
 
 def qdq_from_trace(
     fp_path: Path, weights: dict[str, QuantizedWeight], out_dir: Path,
-    tables: dict[str, QuantizedWeight] | None = None,
+    tables: dict[str, QuantizedWeight] | None = None, form: str = "standard",
 ) -> OnnxExportInfo:  # fmt: skip
     """The QDQ model from optimum's float export at ``fp_path`` (its config files copied beside):
     needs the integer weights only, not the PyTorch model, which may be freed before."""
+    check_form(form)
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_model = onnx.load(str(fp_path))
     replaced = replace_weights_with_qdq(graph_model, weights, tables)
     share_tied_table(graph_model)
     narrow_activation_qdq(graph_model)
     merged = merge_duplicate_nodes(graph_model)  # one activation Q/DQ pair per shared input
+    rewrites = to_openvino_form(graph_model) if form == "openvino" else {}
     for extra in fp_path.parent.iterdir():
         if extra.suffix == ".json" and not (out_dir / extra.name).exists():
             shutil.copy2(extra, out_dir / extra.name)
-    return write_model(graph_model, out_dir, replaced, merged)
+    info = write_model(graph_model, out_dir, replaced, merged)
+    return dataclasses.replace(info, form_rewrites=rewrites)
 
 
 def onnx_bytes(folder: Path) -> int:

@@ -1,9 +1,10 @@
 """The runtime gates as a pytest suite, for teams that receive an artifact folder:
 
-    pytest runtime_tests --artifact out/smollm2-135m-w4a4-boa [--providers cpu,cuda] [--gates gates.toml]
+    pytest runtime_tests --artifact out/smollm2-135m-w4a4-boa [--providers cpu,cuda,openvino] [--gates FILE]
 
 (``EDGEQ_ARTIFACT`` may name the folder instead.) Every test runs once per execution provider; a
-provider missing here (CUDA without onnxruntime-gpu or a GPU) is skipped with the reason.
+provider missing here (CUDA without onnxruntime-gpu or a GPU, OpenVINO not installed) is skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from edgeq.config import DEFAULT_GATES
-from edgeq.evaluation import OrtCausalLM
+from edgeq.evaluation import DecoderLM
 from edgeq.validate import (
     check_gates,
     compare_with_fp,
     load_fp_reference,
     load_gates,
     model_files_bytes,
+    open_for_validation,
     provider_status,
 )
 
@@ -29,7 +31,7 @@ from edgeq.validate import (
 def pytest_addoption(parser):
     group = parser.getgroup("edgeq")
     group.addoption("--artifact", default=os.environ.get("EDGEQ_ARTIFACT"), help="artifact folder")
-    group.addoption("--providers", default="cpu,cuda", help="execution providers (cpu,cuda)")
+    group.addoption("--providers", default="cpu,cuda", help="execution providers (cpu,cuda,openvino)")
     group.addoption("--gates", default=None, help="TOML file with a [gates] table (default: edgeq's)")
     group.addoption("--threads", type=int, default=2, help="ORT threads for the timings")
 
@@ -76,11 +78,11 @@ def session_cache() -> dict:
 
 
 @pytest.fixture
-def lm(artifact, provider, pytestconfig, session_cache) -> OrtCausalLM:
+def lm(artifact, provider, pytestconfig, session_cache) -> DecoderLM:
     key = ("lm", provider)
     if key not in session_cache:
         threads = pytestconfig.getoption("threads")
-        session_cache[key] = OrtCausalLM(artifact, provider=provider, accuracy_level=None, threads=threads)
+        session_cache[key] = open_for_validation(artifact, provider, threads)
     return session_cache[key]
 
 

@@ -126,6 +126,39 @@ def test_kv_cache_decode_matches_a_full_prefill(smollm2_artifact):
     assert math.isfinite(float(np.abs(full).max()))
 
 
+def test_openvino_rejects_the_qdq_artifact_and_runs_its_openvino_form_as_ort_does(smollm2_artifact, tmp_path):
+    """The second QDQ consumer on the real model: OpenVINO's ONNX frontend rejects the w4a16 qdq
+    artifact (576 inputs are 4.5 blocks of 128); the same graph rewritten into the form it reads
+    (``--qdq-form openvino``, here applied to the fixture's graph, no second export) scores the
+    stored evaluation windows within 1 % of ONNX Runtime's perplexity on the artifact."""
+    import shutil
+
+    import onnx
+
+    from edgeq.errors import EdgeqError
+    from edgeq.openvino_runtime import OpenVinoCausalLM
+    from edgeq.validate import load_fp_reference
+    from exporters.openvino_form import to_openvino_form
+
+    pytest.importorskip("openvino")
+    with pytest.raises(EdgeqError, match=r"axis 0 \(576\) cannot be divided by block_size \(128\)"):
+        OpenVinoCausalLM(smollm2_artifact)
+    graph = onnx.load(str(smollm2_artifact / "model.onnx"))  # with its external data
+    # q/k/v/o/gate/up of 30 blocks and lm_head read 576 inputs; down_proj's 1536 are 12 blocks
+    assert to_openvino_form(graph) == {"ragged_weights_split": 6 * 30 + 1, "activation_pairs_per_axis": 0}
+    shutil.copy2(smollm2_artifact / "config.json", tmp_path / "config.json")
+    onnx.save_model(
+        graph, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx_data"
+    )
+    del graph
+    windows = torch.from_numpy(load_fp_reference(smollm2_artifact).ids.astype(np.int64))
+    report = json.loads((smollm2_artifact / "report.json").read_text())
+    ort_ppl = report["perplexity"]["quant_onnx"]["CPUExecutionProvider"]["accuracy_level_0"]
+    for precision in ("f32_exact", "cpu_defaults"):
+        ov_ppl = perplexity(OpenVinoCausalLM(tmp_path, precision).logits, windows, progress=False)
+        assert abs(ov_ppl - ort_ppl) / ort_ppl < 0.01, (precision, ov_ppl, ort_ppl)
+
+
 def test_smollm2_has_no_bos_as_its_gguf_says_through_both_loaders():
     """transformers' GGUF converter builds a tokenizer that adds BOS; SmolLM2's GGUF says it must not
     (tokenizer.ggml.add_bos_token = false), and its evaluation keeps the papers' no-BOS protocol."""
