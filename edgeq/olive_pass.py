@@ -7,8 +7,10 @@ folder (report, manifest, tokenizer, reference) is the pass's output folder. Its
 ``group_size`` is ``--group-size``, ``symmetric`` is ``--symmetric``; an option that is not given
 keeps the CLI's default, and every value goes through the CLI's own parsing into the ExportConfig
 (``edgeq.cli.export_config_from_argv``), so the pass and the CLI cannot drift and reject the same
-input with the same message. Left out: ``--model`` (the input model), ``--out`` (Olive's output
-folder), ``--overwrite`` and ``--resume`` (Olive's cache manages runs).
+input with the same message. Left out: ``--model`` (the input model), ``--out`` and ``--overwrite``
+(Olive's folder for the pass's output, keyed by its config). ``resume`` continues an interrupted
+run of the same workflow from its last finished block, as ``--resume`` does: Olive gives the rerun
+the same folder.
 
 A pass outside Olive is found through a package config that names its module: ``run_workflow``
 runs a workflow with Olive's own passes and this one; ``olive run --package-config`` takes
@@ -45,8 +47,7 @@ PASS_MODULE_CONFIG = {
 NOT_PASS_OPTIONS = {
     "--model": "the input model handler's path",
     "--out": "the pass's output folder",
-    "--overwrite": "Olive's cache",
-    "--resume": "Olive's cache",
+    "--overwrite": "the pass's output folder",
 }
 
 
@@ -169,7 +170,7 @@ class EdgeqExport(Pass):
         log_to_stderr()  # edgeq's progress lines, as the CLI prints them
         try:
             export_config = export_config_from_argv(argv_for(values, str(model.model_name_or_path)))
-            report = run_export(export_config, out, overwrite=True, progress=False)
+            report = run_export(export_config, out, overwrite=True, progress=False, resume=config.resume)
         except EdgeqError as err:
             raise RejectedInput(str(err)) from None
         validation = report.get("validation", {"passed": True})

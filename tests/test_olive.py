@@ -11,6 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 from conftest import byte_tokenizer, tiny_model, write_text_data
+from test_resume import count_calibrated_blocks, stop_after_block
 
 pytest.importorskip("olive", reason="olive-ai is an optional extra: pip install -e '.[olive]'")
 
@@ -30,12 +31,13 @@ PASS_OPTIONS = {
     "scheme": "w4a16", "method": "gptq", "group_size": 16, "symmetric": True, "lm_head_bits": 16,
     "calib_samples": 4, "calib_seq_len": 32, "eval_seq_len": 32, "eval_windows": 3,
     "providers": "cpu", "max_size_ratio": 1.0, "min_top1": 0.4, "latency_runs": 1, "decode_tokens": 4,
+    "resume": True,  # nothing to resume: a fresh run
 }  # fmt: skip
 CLI_FLAGS = [
     "--scheme", "w4a16", "--method", "gptq", "--group-size", "16", "--symmetric", "--lm-head-bits", "16",
     "--calib-samples", "4", "--calib-seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "3",
     "--providers", "cpu", "--max-size-ratio", "1.0", "--min-top1", "0.4", "--latency-runs", "1",
-    "--decode-tokens", "4",
+    "--decode-tokens", "4", "--resume",
 ]  # fmt: skip
 # files Olive writes into its output_dir beside the model's
 OLIVE_FILES = {"footprint.json", "output_footprint.json", "model_config.json", "run_history.txt"}
@@ -132,6 +134,18 @@ def test_a_failed_gate_fails_the_workflow_and_keeps_the_artifact(model_dir, tmp_
     validation = json.loads(report.read_text())["validation"]
     failed = [g["name"] for g in validation["gates"] if not g["passed"]]
     assert not validation["passed"] and failed == ["top1_agreement"]
+
+
+def test_resume_continues_an_interrupted_workflow(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_DATA_DIR", str(write_text_data(tmp_path / "data")))
+    config = workflow(model_dir, tmp_path, {**PASS_OPTIONS, "no_validate": True})
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_after_block(patch, 0, "ctrl-c")
+        run_workflow(config)
+    calibrated = count_calibrated_blocks(monkeypatch)
+    (model,) = run_workflow(config).get_output_models()  # Olive gives the rerun the same folder
+    assert calibrated == [1], "block 0 must be replayed from its record"
+    assert (Path(model.model_path) / "model.onnx").exists()
 
 
 @pytest.mark.parametrize(
