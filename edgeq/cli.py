@@ -35,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"edgeq: error: {message} (see '{self.prog} --help')\n")
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises what ``_Parser`` prints as an EdgeqError, for callers that are not the
+    command line (the Olive pass): they reject an option with the CLI's own message."""
+
+    def error(self, message: str):
+        raise EdgeqError(f"{message} (see '{self.prog} --help')")
+
+
 def _windows(value: str) -> int | None:
     if value == "all":
         return None
@@ -107,16 +115,8 @@ def _providers(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edgeq", description=__doc__)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    export = sub.add_parser(
-        "export",
-        help="quantize a causal LM and export it to ONNX",
-        description="Quantize a causal LM, export ONNX, check it in ONNX Runtime.",
-    )
+def add_export_options(export: argparse.ArgumentParser) -> None:
+    """Every ``edgeq export`` option (the Olive pass, ``edgeq.olive_pass``, mirrors these)."""
     export.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -269,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_validation_options(export)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgeq", description=__doc__)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    export = sub.add_parser(
+        "export",
+        help="quantize a causal LM and export it to ONNX",
+        description="Quantize a causal LM, export ONNX, check it in ONNX Runtime.",
+    )
+    add_export_options(export)
+
     ev = sub.add_parser("eval", help="perplexity of a model (PyTorch) or an exported folder (ONNX Runtime)")
     ev.add_argument(
         "--model", default=DEFAULT_MODEL, help="artifact folder with model.onnx, or a model as for export"
@@ -383,13 +396,26 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
     )
 
 
+def export_parser() -> argparse.ArgumentParser:
+    """``edgeq export``'s options alone, raising EdgeqError where the CLI prints its error line."""
+    parser = _RaisingParser(prog="edgeq export", add_help=False)
+    add_export_options(parser)
+    return parser
+
+
+def export_config_from_argv(argv: list[str]) -> ExportConfig:
+    """The ExportConfig ``edgeq export ARGV`` runs (``--out`` and the run flags have no effect on
+    it); an option the CLI rejects raises EdgeqError with the CLI's message."""
+    return export_config_from_args(export_parser().parse_args(argv))
+
+
 def default_out(config: ExportConfig) -> Path:
     name = Path(config.model.rstrip("/")).name.removesuffix(".gguf")
     suffix = "" if config.format == "qdq" else f"-{config.format}"
     return Path("out") / f"{name}-{config.quant.scheme}-{config.quant.method}{suffix}"
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
     """edgeq's own progress messages on stderr; other libraries' logging is left as it is."""
     logger = logging.getLogger("edgeq")
     if not logger.handlers:
@@ -416,7 +442,7 @@ def resume_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr()
     progress = not args.no_progress
     try:
         if args.command == "export":
