@@ -1,5 +1,7 @@
-"""edgeq against ONNX Runtime's own weight quantizer, on one model, with the same data for every row.
+"""edgeq against ONNX Runtime's own weight quantizer and the toolkits a user would pick instead
+(GPTQModel, llm-compressor), on one model, with the same data for every row.
 
+    bash benchmarks/peers/setup.sh                    # once: the peers' venvs, in /work/venvs
     python benchmarks/compare.py                      # SmolLM2, the settings the README shows
     python benchmarks/compare.py --eval-windows all   # perplexity on the whole WikiText-2 test string
     python benchmarks/compare.py --model path/to/hf-folder --rows fp32,ort-default,edgeq-gptq-g128
@@ -18,6 +20,26 @@ runs, it is the reference of the ratios and the input of ONNX Runtime's quantize
                                      int8 lm_head), ``ort`` format
     edgeq-rtn-g128-fp-head           the same with lm_head left float
     edgeq-w4a4-{rtn,gptq,boa}        edgeq W4A4 (rotations on), ``ort`` format
+    gptqmodel-gptq-g128      GPTQModel's GPTQ, 4 bits, group 128, its other defaults (symmetric)
+    llmcompressor-gptq-g128  llm-compressor's GPTQModifier with its W4A16 preset (symmetric, group 128)
+    llmcompressor-gptq-pc    the same per output channel: llm-compressor refuses group 128 on SmolLM2's
+                             576-wide inputs, and per channel is where a user falls back to
+    llmcompressor-w4a4       llm-compressor's rotation recipe for W4A4: SpinQuantModifier (R1, R2, R4,
+                             Hadamard blocks of 64) then GPTQModifier with its integer W4A4 preset
+                             (weights group 128, inputs per-token int4)
+    llmcompressor-w4a4-pc    the same with per-channel weights (QuaRot's and SpinQuant's, edgeq's w4a4)
+
+Peer rows run in the toolkits' own virtual environments (``benchmarks/peers/setup.sh`` makes them,
+every package pinned in ``benchmarks/peers/requirements-*.txt``; ``--peer-venvs`` or
+``$EDGEQ_PEER_VENVS`` say where, default /work/venvs): compare.py writes the calibration and evaluation
+token ids to a safetensors file and runs ``benchmarks/peers/<toolkit>_run.py`` with the venv's python
+(its log in the row's ``log_tail`` on failure). The runner quantizes on the CPU from the float32
+checkpoint edgeq loads (``weights_folder``), timing the toolkit's quantization call and sampling its
+peak RSS. Their output is a PyTorch model, not ONNX, so they get no size or speed. Weight-only rows
+hand back every quantized linear's dequantized weight, which compare.py loads into edgeq's float model
+and scores with ``edgeq.evaluation.perplexity``, the code that scores edgeq's PyTorch models; the W4A4
+rows' activation quantization and online rotation live in the toolkit's forward pass, so their runner
+scores the windows there with a copy of ``window_nll`` (``benchmarks/peers/peer_io.py``).
 
 Every ONNX model is measured the same way in ONNX Runtime on the CPU, as a user gets it (MatMulNBits
 accuracy level as the graph sets it): perplexity on the evaluation windows (WikiText-2 test, no BOS),
@@ -25,7 +47,8 @@ prefill latency and KV-cache decode speed (128-token prompt, 64 greedy steps, ``
 ``--repeats`` runs), both also as speed relative to the FP32 row of the same run; size of model.onnx
 with its external data. Quantization time and peak RSS of the process cover, for ONNX Runtime, loading
 the FP32 graph and quantizing it, and for edgeq, rotating and quantizing the loaded PyTorch model;
-saving the ONNX file is timed on its own (``export_seconds``).
+saving the ONNX file is timed on its own (``export_seconds``). A row that cannot run (a quantizer that
+raises, a peer venv that is missing or a toolkit that refuses the model) keeps its row with the error.
 
 Writes benchmarks/results/compare.json (with machine and versions), compare.md and compare.png
 (perplexity against decode speed-up), and puts the table and the plot into README.md between the
@@ -41,8 +64,10 @@ import gc
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import traceback
@@ -51,13 +76,16 @@ from typing import NamedTuple
 
 import onnx
 import psutil
+import torch
 from common import ROOT, add_data_arguments, load_data, publish, save_results, update_readme
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from edgeq.config import scheme_preset
-from edgeq.evaluation import OrtCausalLM, perplexity
+from edgeq.evaluation import OrtCausalLM, perplexity, torch_logits_fn
 from edgeq.latency import PeakRSS, measure_decode
 from edgeq.models.adapters import adapter_for
-from edgeq.models.loading import load_model
+from edgeq.models.loading import load_model, weights_folder
 from edgeq.pipeline import quantize_model
 from edgeq.rotation.rotate import rotate_model
 from exporters import export_onnx
@@ -69,12 +97,16 @@ ACCURACY_LEVEL = 4  # ORT's fast CPU path (int8 activations in MatMulNBits); edg
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA"}
 PACKAGES = ("onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "numpy", "neural-compressor")
+PEERS = Path(__file__).resolve().parent / "peers"
+DEFAULT_PEER_VENVS = Path(os.environ.get("EDGEQ_PEER_VENVS", "/work/venvs"))
+PEER_NAMES = {"gptqmodel": "GPTQModel", "llmcompressor": "llm-compressor"}
+LOG_TAIL_LINES = 40
 
 
 class Row(NamedTuple):
     key: str
     label: str
-    kind: str  # "fp32", "ort-quantizer" or "edgeq"
+    kind: str  # "fp32", "ort-quantizer", "edgeq" or "peer"
     settings: dict
 
 
@@ -87,6 +119,10 @@ def _edgeq(key: str, label: str, scheme: str, method: str, group_size: int | Non
     if group_size is not None:
         settings["group_size"] = group_size
     return Row(key, label, "edgeq", settings)
+
+
+def _peer(key: str, label: str, toolkit: str, recipe: str) -> Row:
+    return Row(key, label, "peer", {"toolkit": toolkit, "recipe": recipe})
 
 
 ASYM = {"symmetric": False, "accuracy_level": ACCURACY_LEVEL}
@@ -126,9 +162,24 @@ ROWS = (
         lm_head_bits=16,
     ),  # fmt: skip
     *(_edgeq(f"edgeq-w4a4-{m}", f"edgeq {METHOD_NAMES[m]} W4A4 (rotated)", "w4a4", m) for m in METHOD_NAMES),
+    _peer("gptqmodel-gptq-g128", "GPTQModel GPTQ W4A16 group 128", "gptqmodel", "gptq-g128"),
+    _peer("llmcompressor-gptq-g128", "llm-compressor GPTQ W4A16 group 128", "llmcompressor", "gptq-g128"),
+    _peer("llmcompressor-gptq-pc", "llm-compressor GPTQ W4A16 per-channel", "llmcompressor", "gptq-pc"),
+    _peer("llmcompressor-w4a4", "llm-compressor SpinQuant + GPTQ W4A4", "llmcompressor", "w4a4"),
+    _peer(
+        "llmcompressor-w4a4-pc",
+        "llm-compressor SpinQuant + GPTQ W4A4, per-channel weights",
+        "llmcompressor",
+        "w4a4-pc",
+    ),
 )
-KIND_COLORS = {"fp32": "black", "ort-quantizer": "tab:orange", "edgeq": "tab:blue"}
-KIND_NAMES = {"fp32": "FP32 ONNX", "ort-quantizer": "ONNX Runtime's quantizer", "edgeq": "edgeq"}
+KIND_COLORS = {"fp32": "black", "ort-quantizer": "tab:orange", "edgeq": "tab:blue", "peer": "tab:green"}
+KIND_NAMES = {
+    "fp32": "FP32 ONNX",
+    "ort-quantizer": "ONNX Runtime's quantizer",
+    "edgeq": "edgeq",
+    "peer": "other toolkits (PyTorch perplexity, no ONNX)",
+}
 
 
 def select_rows(spec: str | None) -> list[Row]:
@@ -307,6 +358,125 @@ def run_edgeq_row(row: Row, record: dict, source, data, out_dir: Path) -> None:
     record["settings"]["not_fused"] = list(info.not_fused)
 
 
+class PeerError(RuntimeError):
+    """A peer toolkit's runner failed; the message is the toolkit's own error where it wrote one."""
+
+
+def write_peer_data(data, path: Path) -> Path:
+    """The calibration [n, L] and evaluation [w, L] int64 token ids every peer runner reads."""
+    tensors = {"calibration": data.calibration, "evaluation": data.evaluation}
+    save_file({name: t.long().contiguous() for name, t in tensors.items()}, str(path))
+    return path
+
+
+def peer_command(row: Row, venvs: Path, model_dir: Path, data_file: Path, out_dir: Path) -> list[str]:
+    """The runner's command line, with the toolkit's venv python (missing venv: a clear error)."""
+    toolkit = row.settings["toolkit"]
+    python = venvs / toolkit / "bin" / "python"
+    if not python.exists():
+        raise PeerError(
+            f"no {PEER_NAMES[toolkit]} venv at {venvs / toolkit}: run bash benchmarks/peers/setup.sh {venvs}"
+        )
+    runner = PEERS / f"{toolkit}_run.py"
+    return [str(python), str(runner), "--model-dir", str(model_dir), "--data", str(data_file),
+            "--out", str(out_dir), "--recipe", row.settings["recipe"]]  # fmt: skip
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a runner's log (progress bars' carriage returns folded away)."""
+    if not log.exists():
+        return ""
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def read_peer_result(out_dir: Path, returncode: int, log: Path) -> dict:
+    """The runner's result.json. Raises PeerError with the toolkit's error, or with the log's last line
+    when the runner died before writing a result."""
+    path = out_dir / "result.json"
+    if not path.exists():
+        last = (log_tail(log, 1) or "no output").strip()
+        raise PeerError(f"runner exited with status {returncode} and no result: {last}")
+    result = json.loads(path.read_text())
+    if result.get("error"):
+        raise PeerError(result["error"])
+    if returncode != 0:
+        raise PeerError(f"runner exited with status {returncode}")
+    return result
+
+
+def load_peer_weights(model: torch.nn.Module, path: Path) -> int:
+    """Put a peer's dequantized weights ([out, in] each, named as in the model's state dict) into the
+    float model; a name the model has no parameter for, or a shape that differs, is a PeerError (tied
+    weights appear under one name only, so a peer cannot rewrite the embedding through lm_head).
+    Returns how many weights were replaced."""
+    weights = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise PeerError(f"the peer's weights name {len(unknown)} unknown parameter(s), e.g. {unknown[0]}")
+    with torch.no_grad():
+        for name, weight in weights.items():
+            if params[name].shape != weight.shape:
+                shapes = f"{tuple(weight.shape)} for {tuple(params[name].shape)}"
+                raise PeerError(f"the peer's {name} has shape {shapes}")
+            params[name].copy_(weight)
+    return len(weights)
+
+
+def float_linears(model: torch.nn.Module, replaced: set[str]) -> list[str]:
+    """The decoder's linear layers (lm_head aside) whose weight the peer did not hand back."""
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head" and f"{name}.weight" not in replaced
+    ]  # fmt: skip
+
+
+def run_peer_row(
+    row: Row, record: dict, source, data_file: Path, windows, out_dir: Path, venvs: Path
+) -> None:
+    """Quantize with another toolkit in its own venv (``benchmarks/peers/<toolkit>_run.py``) and score
+    it: dequantized weights in edgeq's float model with edgeq's perplexity code, or, for recipes that
+    quantize activations, the per-window NLLs the runner computed in the toolkit's forward pass."""
+    command = peer_command(row, venvs, weights_folder(source), data_file, out_dir)
+    out_dir.mkdir(parents=True)
+    log = out_dir / "runner.log"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # the venv's packages
+    print(f"{row.label}: {' '.join(command)} (log in {log})", flush=True)
+    with log.open("w") as handle:
+        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+    try:
+        result = read_peer_result(out_dir, returncode, log)
+    except PeerError:
+        record["log_tail"] = log_tail(log)
+        raise
+    record["quantization_seconds"] = result["quantization_seconds"]
+    record["peak_rss_bytes"] = result["peak_rss_bytes"]
+    record["lm_head"] = result["settings"].get("lm_head")
+    record["settings"]["peer"] = {
+        name: result[name] for name in ("versions", "settings", "process_peak_rss_bytes", "eval_seconds")
+    }
+    nll = result["window_nll"]
+    if nll:
+        if len(nll) != len(windows):
+            raise PeerError(f"the runner scored {len(nll)} windows, not {len(windows)}")
+        record["peer_perplexity"] = math.exp(sum(nll) / len(nll))  # as edgeq.evaluation.perplexity
+    if result["weights_file"]:
+        model = load_model(source)
+        weights = out_dir / result["weights_file"]
+        with safe_open(str(weights), "pt") as handle:
+            replaced = set(handle.keys())
+        record["settings"]["quantized_linears"] = load_peer_weights(model, weights)
+        record["settings"]["float_linears"] = float_linears(model, replaced)
+        record["perplexity"] = perplexity(torch_logits_fn(model), windows, record["label"])
+        record["scored_in"] = "edgeq"
+    elif nll:
+        record["perplexity"] = record["peer_perplexity"]
+        record["scored_in"] = "peer"
+    else:
+        raise PeerError("the runner returned neither weights nor window NLLs")
+
+
 def measure(record: dict, folder: Path, windows, args: argparse.Namespace) -> OrtCausalLM:
     """Perplexity, size and speed of the ONNX model in ``folder``, as a user's ORT session runs it."""
     record["bytes"] = onnx_bytes(folder)
@@ -332,6 +502,12 @@ def _new_record(row: Row) -> dict:
 def _report(record: dict) -> None:
     if record["error"]:
         print(f"{record['label']}: failed: {record['error']}", flush=True)
+    elif record["kind"] == "peer":
+        print(
+            f"{record['label']}: ppl {record['perplexity']:.3f} (PyTorch, scored in {record['scored_in']}), "
+            f"quantization {record['quantization_seconds']:.0f} s",
+            flush=True,
+        )
     else:
         print(
             f"{record['label']}: ppl {record['perplexity']:.3f}, {record['bytes'] / 1e6:.1f} MB, prefill "
@@ -360,6 +536,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for every measurement")
     parser.add_argument("--repeats", type=int, default=5, help="timed decode runs per model")
+    parser.add_argument(
+        "--peer-venvs",
+        type=Path,
+        default=DEFAULT_PEER_VENVS,
+        help="folder of the peer toolkits' venvs made by benchmarks/peers/setup.sh "
+        "(default: $EDGEQ_PEER_VENVS or /work/venvs)",
+    )
     args = parser.parse_args(argv)
     if args.render:
         write_tables(json.loads((args.out / "compare.json").read_text()), args.out, not args.no_readme)
@@ -388,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         records.append(fp)
         _report(fp)
 
+        peer_data = None
         for row in rows[1:]:
             record = _new_record(row)
             out_dir = Path(tmp) / row.key
@@ -395,14 +579,18 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 if row.kind == "ort-quantizer":
                     run_ort_row(row, record, fp_dir, out_dir, feeds)
-                else:
-                    if fp_dir.exists():  # the ORT rows are done: free the disk
-                        shutil.rmtree(fp_dir)
+                elif fp_dir.exists():  # the ORT rows are done: free the disk
+                    shutil.rmtree(fp_dir)
+                if row.kind == "edgeq":
                     run_edgeq_row(row, record, source, data, out_dir)
-                gc.collect()
-                measure(record, out_dir, windows, args)
-                record["prefill_vs_fp32"] = fp["prefill_ms"] / record["prefill_ms"]
-                record["decode_vs_fp32"] = record["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
+                elif row.kind == "peer":
+                    peer_data = peer_data or write_peer_data(data, Path(tmp) / "peer-data.safetensors")
+                    run_peer_row(row, record, source, peer_data, windows, out_dir, args.peer_venvs)
+                if row.kind != "peer":  # a peer's model is PyTorch: no ONNX to measure
+                    gc.collect()
+                    measure(record, out_dir, windows, args)
+                    record["prefill_vs_fp32"] = fp["prefill_ms"] / record["prefill_ms"]
+                    record["decode_vs_fp32"] = record["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
             except Exception as err:  # a variant that fails is a result too; the run goes on
                 traceback.print_exc()
                 record["error"] = _first_line(err)
@@ -427,10 +615,13 @@ def markdown(results: dict, image: str | None = None) -> str:
     else:
         windows = f"the first {n} windows of {length} tokens (`--eval-windows all` scores the whole string)"
     speed, ort_version = fp["speed"], results.get("packages", {}).get("onnxruntime")
+    has_peers = any(r["kind"] == "peer" for r in results["rows"])
+    calibrated = "ORT GPTQ, edgeq and the other toolkits" if has_peers else "ORT GPTQ and edgeq"
+    scored = "ONNX Runtime (other toolkits: PyTorch, below the table)" if has_peers else "ONNX Runtime"
     lines = [
-        f"Model `{results['model']}`, the same data for every row. Calibration (ORT GPTQ and edgeq): "
-        f"{s['calib_samples']} × {s['calib_seq_len']} tokens of C4 (seed {s['seed']}). Perplexity in ONNX "
-        f"Runtime on WikiText-2 test, {windows}, no BOS. ONNX Runtime {ort_version} on the CPU (a machine "
+        f"Model `{results['model']}`, the same data for every row. Calibration ({calibrated}): "
+        f"{s['calib_samples']} × {s['calib_seq_len']} tokens of C4 (seed {s['seed']}). Perplexity in "
+        f"{scored} on WikiText-2 test, {windows}, no BOS. ONNX Runtime {ort_version} on the CPU (a machine "
         f"with {results['machine']['cpus']} CPU threads), MatMulNBits accuracy level as each graph sets it "
         f"(4 where ORT's config takes one, HQQ's does not; edgeq's `ort` format: 4). Prefill: "
         f"{speed['prompt_tokens']}-token prompt; decode: {speed['new_tokens']} greedy steps with the KV "
@@ -479,10 +670,47 @@ def markdown(results: dict, image: str | None = None) -> str:
             "exports a tied embedding), not a constant, so ONNX Runtime's quantizer leaves lm_head in float, "
             "excluded or not.",
         ]
+    lines += peer_notes(results["rows"])
     if image:
         lines += ["", f"![perplexity against decode speed-up over FP32 ONNX, one point per row]({image})"]
     lines += ["", f"Produced by `{results['command']}` on {results['date']}."]
     return "\n".join(lines) + "\n"
+
+
+def peer_notes(rows: list[dict]) -> list[str]:
+    """The paragraph under the table that says how the other toolkits' rows were made and scored."""
+    peers = [r for r in rows if r["kind"] == "peer"]
+    if not peers:
+        return []
+    versions: dict[str, dict] = {}
+    for r in peers:
+        if r["settings"].get("peer"):
+            versions.setdefault(r["settings"]["toolkit"], r["settings"]["peer"]["versions"])
+    pins = "; ".join(
+        f"{PEER_NAMES[t]} {v.get(t)} with torch {v.get('torch')}, transformers {v.get('transformers')}"
+        for t, v in versions.items()
+    )
+    text = (
+        "Other toolkits (`gptqmodel-*`, `llmcompressor-*`) each ran in its own virtual environment "
+        "(`benchmarks/peers/setup.sh`" + (f": {pins}" if pins else "") + ") on the CPU, from the same "
+        "float32 checkpoint and the same calibration token ids, with the toolkit's own defaults otherwise "
+        "(symmetric grids; lm_head stays float). They give a PyTorch model, not ONNX, so their size and "
+        "speed cells are empty and their perplexity is PyTorch's on the same windows, not ONNX Runtime's: "
+        "the weight-only rows' dequantized weights loaded into edgeq's float model and scored by the code "
+        "that scores edgeq's PyTorch models; the W4A4 rows in the toolkit's own forward pass (its online "
+        "rotation and per-token activation fake-quantization) with a copy of that code. Their quantization "
+        "time and peak RSS cover the toolkit's call (GPTQModel's `quantize`, llm-compressor's `oneshot`) "
+        "in its own process."
+    )
+    lines = ["", text]
+    checks = [r for r in peers if r.get("scored_in") == "edgeq" and r.get("peer_perplexity") is not None]
+    if checks:
+        pairs = ", ".join(f"`{r['key']}` {r['peer_perplexity']:.2f} ({r['perplexity']:.2f})" for r in checks)
+        lines += [
+            "",
+            f"The toolkit's own forward pass on the same windows (edgeq's scoring in brackets): {pairs}.",
+        ]
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -493,12 +721,19 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    rows = [r for r in results["rows"] if r["perplexity"] is not None and r["decode_vs_fp32"] is not None]
+    rows = [r for r in results["rows"] if r["perplexity"] is not None and r.get("decode_vs_fp32") is not None]
     for kind, color in KIND_COLORS.items():
         mine = [r for r in rows if r["kind"] == kind]
         if mine:
             ax.scatter([r["decode_vs_fp32"] for r in mine], [r["perplexity"] for r in mine], color=color,
                        label=KIND_NAMES[kind], zorder=3)  # fmt: skip
+    peers = [r for r in results["rows"] if r["kind"] == "peer" and r["perplexity"] is not None]
+    for i, r in enumerate(peers):  # no ONNX graph, so no speed: a line at the row's perplexity
+        color = KIND_COLORS["peer"]
+        ax.axhline(r["perplexity"], color=color, linestyle="--", linewidth=1,
+                   label=KIND_NAMES["peer"] if i == 0 else None)  # fmt: skip
+        ax.annotate(r["key"], (0.01, r["perplexity"]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 2), fontsize=8, color=color)  # fmt: skip
     ax.set_yscale("log")
     ax.autoscale_view()
     placed: list[tuple[float, float]] = []  # label anchors in pixels, to step a label down off another

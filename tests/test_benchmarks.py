@@ -156,6 +156,43 @@ COMPARE_RESULTS = {
 }
 
 
+def _peer_row(key, toolkit, ppl, peer_ppl=None, error=None):
+    """A peer row as run_peer_row leaves it: PyTorch perplexity, no ONNX size or speed."""
+    row = _compare_row(key, "peer", ppl, 0.0, error=error) | {
+        "bytes": None, "prefill_ms": None, "prefill_vs_fp32": None, "decode_vs_fp32": None,
+        "decode_tokens_per_s": None,
+        "quantization_seconds": None if error else 40.0, "peak_rss_bytes": None if error else 2**29,
+        "settings": {"toolkit": toolkit, "recipe": "r"},
+    }  # fmt: skip
+    if error is None:
+        versions = {"torch": "2.13.0", "transformers": "5.0", toolkit: "7.6.0"}
+        row["settings"]["peer"] = {"versions": versions, "settings": {}}
+        row |= {"peer_perplexity": peer_ppl, "scored_in": "edgeq" if peer_ppl else "peer"}
+    return row
+
+
+def test_compare_table_shows_peer_rows_without_onnx_columns_and_says_how_they_were_scored(tmp_path):
+    compare = benchmark_module("compare")
+    rows = [
+        *COMPARE_RESULTS["rows"],
+        _peer_row("gptqmodel-gptq-g128", "gptqmodel", 13.0, peer_ppl=13.1),
+        _peer_row("llmcompressor-gptq-g128", "llmcompressor", None, error="ValueError: not divisible"),
+        _peer_row("llmcompressor-w4a4", "llmcompressor", 20.0),
+    ]
+    results = {**COMPARE_RESULTS, "rows": rows}
+    table = compare.markdown(results, "compare.png")
+    assert (
+        "| GPTQMODEL-GPTQ-G128 | `gptqmodel-gptq-g128` | float | 13.00 |  | 40 | 0.50 |  |  |  |  |" in table
+    )
+    assert "| `llmcompressor-gptq-g128` |  | failed: ValueError: not divisible |" in table
+    assert "GPTQModel 7.6.0 with torch 2.13.0, transformers 5.0" in table
+    assert "(edgeq's scoring in brackets): `gptqmodel-gptq-g128` 13.10 (13.00)." in table
+    assert "`llmcompressor-w4a4` 20.00" not in table  # scored only in its own forward pass: no pair
+    compare.plot(results, tmp_path / "compare.png")  # peer rows as lines: no speed to place them
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert "other toolkits" not in compare.markdown(COMPARE_RESULTS)  # no peer rows, no word of them
+
+
 def test_compare_table_has_failures_ratios_and_the_plot(tmp_path):
     compare = benchmark_module("compare")
     table = compare.markdown(COMPARE_RESULTS, "compare.png")
@@ -175,6 +212,11 @@ def test_compare_rows_select_by_key_or_label_and_always_keep_fp32():
     assert [r.key for r in compare.select_rows("edgeq-w4a4-boa,ORT HQQ block 128")] == [
         "fp32", "ort-hqq", "edgeq-w4a4-boa",
     ]  # fmt: skip
+    assert [r.kind for r in compare.select_rows("llmcompressor-w4a4,gptqmodel-gptq-g128")] == [
+        "fp32",
+        "peer",
+        "peer",
+    ]
     assert len({r.key for r in compare.ROWS}) == len(compare.ROWS)
 
 
