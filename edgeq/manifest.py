@@ -382,6 +382,7 @@ def _genai_lines(genai: dict[str, Any]) -> list[str]:
         "",
         'model = og.Model("path/to/this/folder")',
         "tokenizer = og.Tokenizer(model)",
+        'tokenizer.update_options(add_special_tokens="true")  # BOS where the tokenizer adds it',
         "params = og.GeneratorParams(model)",
         "params.set_search_options(max_length=64)  # prompt + new tokens: the KV cache's length",
         "generator = og.Generator(model, params)",

@@ -33,6 +33,7 @@ def generate_genai(folder: str, prompt: str, new_tokens: int = 32) -> str:
 
     model = og.Model(folder)
     tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")  # BOS where the model's tokenizer adds it
     prompt_ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + new_tokens)  # sizes the KV cache

@@ -47,8 +47,12 @@ def assert_same_greedy_tokens(folder: Path, prompt: list[int], new_tokens: int) 
 
 
 def assert_same_tokenization(folder: Path, texts: list[str]) -> None:
-    """genai's tokenizer gives the ids transformers' gives from the folder's tokenizer files."""
+    """genai's tokenizer gives the ids transformers' gives from the folder's tokenizer files: without
+    special tokens by default (genai's), with them (BOS where the tokenizer adds it) when told."""
     tokenizer, reference = og.Tokenizer(og.Model(str(folder))), AutoTokenizer.from_pretrained(folder)
+    for text in texts:
+        assert [int(i) for i in tokenizer.encode(text)] == reference(text, add_special_tokens=False).input_ids
+    tokenizer.update_options(add_special_tokens="true")
     for text in texts:
         assert [int(i) for i in tokenizer.encode(text)] == reference(text).input_ids, text
 
