@@ -293,9 +293,16 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+class PeerError(RuntimeError):
+    """A peer toolkit's runner failed; the message is the toolkit's own error where it wrote one."""
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    first = text.splitlines()[0] if text else ""
+    if isinstance(err, PeerError):  # already the toolkit's own "Type: message"
+        return first
+    return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -356,10 +363,6 @@ def run_edgeq_row(row: Row, record: dict, source, data, out_dir: Path) -> None:
     # which ort graph: ORT's fused operators, or optimum's with MatMulNBits weights (and why)
     record["settings"]["graph"] = info.graph
     record["settings"]["not_fused"] = list(info.not_fused)
-
-
-class PeerError(RuntimeError):
-    """A peer toolkit's runner failed; the message is the toolkit's own error where it wrote one."""
 
 
 def write_peer_data(data, path: Path) -> Path:
@@ -438,13 +441,19 @@ def run_peer_row(
     """Quantize with another toolkit in its own venv (``benchmarks/peers/<toolkit>_run.py``) and score
     it: dequantized weights in edgeq's float model with edgeq's perplexity code, or, for recipes that
     quantize activations, the per-window NLLs the runner computed in the toolkit's forward pass."""
-    command = peer_command(row, venvs, weights_folder(source), data_file, out_dir)
+    out_dir = out_dir.resolve()
+    command = peer_command(
+        row, venvs.absolute(), weights_folder(source).resolve(), data_file.resolve(), out_dir
+    )
     out_dir.mkdir(parents=True)
     log = out_dir / "runner.log"
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # the venv's packages
     print(f"{row.label}: {' '.join(command)} (log in {log})", flush=True)
     with log.open("w") as handle:
-        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+        # in out_dir: toolkits write logs into their working folder (GPTQModel: logs/)
+        returncode = subprocess.run(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out_dir
+        ).returncode
     try:
         result = read_peer_result(out_dir, returncode, log)
     except PeerError:
@@ -538,8 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed decode runs per model")
     parser.add_argument(
         "--peer-venvs",
-        type=Path,
-        default=DEFAULT_PEER_VENVS,
+        type=str,  # a string, as the results JSON records it
+        default=str(DEFAULT_PEER_VENVS),
         help="folder of the peer toolkits' venvs made by benchmarks/peers/setup.sh "
         "(default: $EDGEQ_PEER_VENVS or /work/venvs)",
     )
@@ -585,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_edgeq_row(row, record, source, data, out_dir)
                 elif row.kind == "peer":
                     peer_data = peer_data or write_peer_data(data, Path(tmp) / "peer-data.safetensors")
-                    run_peer_row(row, record, source, peer_data, windows, out_dir, args.peer_venvs)
+                    run_peer_row(row, record, source, peer_data, windows, out_dir, Path(args.peer_venvs))
                 if row.kind != "peer":  # a peer's model is PyTorch: no ONNX to measure
                     gc.collect()
                     measure(record, out_dir, windows, args)
