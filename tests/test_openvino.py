@@ -342,6 +342,11 @@ def test_export_scores_the_openvino_form_in_openvino_beside_ort(tmp_path, text_d
     assert json.loads((out / "edgeq_config.json").read_text())["qdq_form"] == "openvino"
     markdown = (out / "report.md").read_text()
     assert "Quantized (ONNX OpenVINO CPU, f32 exact)" in markdown and "`--qdq-form openvino`" in markdown
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (
+        "| quantized | OpenVINO CPU, f32 exact |" in card
+        and "runs the activation Q/DQ as FakeQuantize" in card
+    )
 
 
 @pytest.mark.parametrize("args,message", [
