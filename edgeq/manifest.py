@@ -309,18 +309,21 @@ def _runtime_notes(
             "a Hadamard), on every runtime."
         )
     if fmt == "qdq":
-        notes.append(_openvino_note(qdq_form))
+        notes.append(_openvino_note(qdq_form, abits < 16 or kv_bits < 16))
     return notes
 
 
-def _openvino_note(qdq_form: str | None) -> str:
+def _openvino_note(qdq_form: str | None, activations_quantized: bool) -> str:
     """What OpenVINO's CPU runtime makes of a qdq graph in this form."""
     if qdq_form == "openvino":
+        emulated = (
+            " Its CPU plugin runs the activation Q/DQ as FakeQuantize, in float." * activations_quantized
+        )
         return (
             "- **OpenVINO**: this graph is in the form OpenVINO's ONNX frontend reads (`--qdq-form "
             "openvino`: a weight whose input width is not a whole number of blocks as two MatMuls, "
             "per-token activation Q/DQ per axis on a transposed view); the same numbers as the standard "
-            "form. Its CPU plugin runs the activation Q/DQ as FakeQuantize (emulated in float)."
+            f"form.{emulated}"
         )
     return (
         "- **OpenVINO**: its ONNX frontend (2026.4) rejects a blocked DequantizeLinear whose input width "

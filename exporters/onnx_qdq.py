@@ -421,18 +421,32 @@ def _tensor_bytes(init: onnx.TensorProto) -> int:
 def component_bytes(model: onnx.ModelProto) -> dict[str, int]:
     """Initializer bytes by component: ``embedding`` (the table a Gather reads, float or int4),
     ``lm_head`` (the weights of the node producing ``logits``, reached through Transpose, Cast or
-    DequantizeLinear; 0 when tied to the embedding) and ``blocks`` (everything else)."""
+    DequantizeLinear; 0 when tied to the embedding) and ``blocks`` (everything else). A weight split
+    in two by ``exporters.openvino_form`` (a Concat of two DequantizeLinear, or logits made by the
+    Add of two MatMuls) counts where the whole one did."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
+
+    def parts(node: onnx.NodeProto | None, op_type: str) -> list[onnx.NodeProto]:
+        """The two halves of a split weight (``op_type`` nodes) that ``node`` joins, else []."""
+        if node is None or node.op_type not in ("Concat", "Add"):
+            return []
+        halves = [producer.get(name) for name in node.input]
+        return halves if all(h is not None and h.op_type == op_type for h in halves) else []
+
     embedding: set[str] = set()
     for node in graph.node:
         if node.op_type in ("Gather", "GatherBlockQuantized"):
             table = producer.get(node.input[0])
-            sources = table.input if table is not None and table.op_type == "DequantizeLinear" else node.input
-            embedding |= {name for name in sources if name in inits and name != node.input[1]}
+            tables = parts(table, "DequantizeLinear") or [table]
+            sources = [
+                name for t in tables if t is not None and t.op_type == "DequantizeLinear" for name in t.input
+            ]
+            embedding |= {name for name in sources or node.input if name in inits and name != node.input[1]}
     head: set[str] = set()
     frontier = [n for n in graph.node if "logits" in n.output]
+    frontier = [half for n in frontier for half in parts(n, "MatMul") or [n]]
     while frontier:
         node = frontier.pop()
         for name in node.input:

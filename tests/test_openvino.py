@@ -335,11 +335,18 @@ def test_export_scores_the_openvino_form_in_openvino_beside_ort(tmp_path, text_d
     assert report["top1_agreement_with_pytorch"][OPENVINO_CPU]["f32_exact"] > 0.99
     assert report["onnx"]["qdq_form"] == "openvino"
     assert report["onnx"]["form_rewrites"] == {"ragged_weights_split": 13, "activation_pairs_per_axis": 8}
+    # the int8 lm_head (72 inputs, group 16) is split in two and still counted as the lm_head
+    assert report["sizes_bytes"]["onnx_components"]["lm_head"] > 0
     validated = report["validation"]["providers"][OPENVINO_CPU]
     assert validated["generation_ok"] and validated["decode_tokens_per_s"]["p50"] > 0
     assert json.loads((out / "edgeq_config.json").read_text())["qdq_form"] == "openvino"
     markdown = (out / "report.md").read_text()
     assert "Quantized (ONNX OpenVINO CPU, f32 exact)" in markdown and "`--qdq-form openvino`" in markdown
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (
+        "| quantized | OpenVINO CPU, f32 exact |" in card
+        and "runs the activation Q/DQ as FakeQuantize" in card
+    )
 
 
 @pytest.mark.parametrize("args,message", [

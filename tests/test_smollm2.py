@@ -154,9 +154,10 @@ def test_openvino_rejects_the_qdq_artifact_and_runs_its_openvino_form_as_ort_doe
     windows = torch.from_numpy(load_fp_reference(smollm2_artifact).ids.astype(np.int64))
     report = json.loads((smollm2_artifact / "report.json").read_text())
     ort_ppl = report["perplexity"]["quant_onnx"]["CPUExecutionProvider"]["accuracy_level_0"]
-    for precision in ("f32_exact", "cpu_defaults"):
-        ov_ppl = perplexity(OpenVinoCausalLM(tmp_path, precision).logits, windows, progress=False)
-        assert abs(ov_ppl - ort_ppl) / ort_ppl < 0.01, (precision, ov_ppl, ort_ppl)
+    # float32 without dynamic quantization (cpu_defaults depends on the CPU: int8 activations with
+    # VNNI or AMX, bfloat16 with AMX), like ORT's accuracy level 0 in the report
+    ov_ppl = perplexity(OpenVinoCausalLM(tmp_path, "f32_exact").logits, windows, progress=False)
+    assert abs(ov_ppl - ort_ppl) / ort_ppl < 0.01, (ov_ppl, ort_ppl)
 
 
 def test_smollm2_has_no_bos_as_its_gguf_says_through_both_loaders():
