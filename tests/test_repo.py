@@ -21,7 +21,7 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     main_job, test_command = commands
     assert "edgeq export --model smollm2-135m" in main_job
-    assert " pytest" in test_command and "-n 2" in test_command  # two xdist workers: CI has 2 cores
+    assert test_command.endswith("pytest")
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
