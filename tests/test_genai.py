@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import onnxruntime_genai as og
 import pytest
-from conftest import tiny_model, write_text_data
+from conftest import load_example, tiny_model, write_text_data
 from genai_checks import assert_readme_lines_run, assert_same_greedy_tokens, assert_same_tokenization
 from real_configs import EOS_ID, REAL_CONFIGS, fixture_tokenizer
 from tokenizers import decoders
@@ -129,12 +129,7 @@ def test_the_readme_lines_run_the_folder(artifact):
 
 
 def test_the_generate_example_runs_the_folder_with_genai(artifact):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "examples" / "generate_from_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text = module.generate_genai(str(artifact), "abc", new_tokens=6)
+    text = load_example("generate_from_bundle").generate_genai(str(artifact), "abc", new_tokens=6)
     assert isinstance(text, str) and text.strip()
 
 

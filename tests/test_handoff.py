@@ -11,7 +11,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import byte_tokenizer, tiny_model, write_text_data
+from conftest import byte_tokenizer, load_example, tiny_model, write_text_data
 
 from edgeq.cli import main
 
@@ -113,12 +113,7 @@ def test_runtime_tests_suite_passes_on_the_artifact(artifact, tmp_path):
 
 
 def test_the_generate_example_runs_the_bundle(artifact):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "examples" / "generate_from_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text = module.main(str(artifact), "abc", new_tokens=6)
+    text = load_example("generate_from_bundle").main(str(artifact), "abc", new_tokens=6)
     assert isinstance(text, str) and text.strip()
 
 
