@@ -22,7 +22,6 @@ from transformers import AutoTokenizer, LlamaTokenizerFast
 from edgeq.cli import main
 from exporters.genai_config import GENAI_CONFIG_FILE, decoder_io, token_ids, tokenizer_fixes
 
-ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 24
 TEXTS = ["The capital of France is", "Hello, world! 123 éà  two spaces\n\nnew line", " a space\tand tab"]
 # the fused graph; optimum's graph, which a quantized KV cache keeps (scheme_blockers)
