@@ -75,7 +75,7 @@ def assert_readme_lines_run(folder: Path) -> str:
         exec(code.replace(folder_literal, repr(str(folder))), {})  # the README's own lines
     ids = AutoTokenizer.from_pretrained(folder)(prompt).input_ids
     tokens = assert_same_greedy_tokens(folder, ids, max_length - len(ids))
-    text = printed.getvalue().rstrip("\n")
+    text = printed.getvalue().removesuffix("\n")  # print's own newline; the text may end in newlines
     assert text == og.Tokenizer(og.Model(str(folder))).decode(ids + tokens)
     assert text.startswith(prompt)
     return text

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from edgeq.config import QuantConfig, WeightQuantConfig
 from edgeq.errors import EdgeqError
 from edgeq.models.adapters import adapter_for
-from edgeq.pipeline import capture_block_inputs, quantize_model
+from edgeq.pipeline import allocating_on, capture_block_inputs, quantize_model
 from edgeq.quant.block import block_forward
 from edgeq.quant.grid import rtn_quantize
 
@@ -65,3 +65,14 @@ def test_unknown_method_is_rejected_before_any_work():
         quantize_model(
             model, adapter_for(model), QuantConfig(method="magic"), torch.zeros(1, 4, dtype=torch.long)
         )
+
+
+def test_allocating_on_enters_a_device_mode_only_off_the_cpu():
+    """Off the CPU, what the methods allocate without ``device=`` lands on the block's device; on the
+    CPU no TorchFunctionMode is entered, so torch calls are not dispatched through Python."""
+    with allocating_on("meta"):
+        assert torch.zeros(2).device.type == "meta"
+        assert torch._C._is_torch_function_mode_enabled()
+    with allocating_on(torch.device("cpu")):
+        assert torch.zeros(2).device.type == "cpu"
+        assert not torch._C._is_torch_function_mode_enabled()

@@ -105,12 +105,14 @@ GENAI_NEW_TOKENS = 40
 # quantized activations and rotations (w4a4 qdq, traced block by block). The other two write the same
 # graphs with less in them, so one fixture each covers them: optimum's graph without activation
 # quantization (w4a16 qdq) on Qwen2.5 with its q/k/v biases, and the ort packing of optimum's graph
-# (w4a4 ort) on Gemma3 with its two kinds of layer.
+# (w4a4 ort) on Gemma3 with its two kinds of layer. Gemma3-1B skips w4a4 qdq (116 s in CI, the
+# slowest export here): Gemma3-270M has its attention geometry (4 heads, 1 KV head, head_dim 256)
+# and layer pattern, and runs both W4A4 graphs.
 EXPORTS = [
     (name, scheme, fmt)
     for name in sorted(REAL_CONFIGS)
     for scheme, fmt in [("w4a16", "qdq"), ("w4a16", "ort"), ("w4a4", "qdq"), ("w4a4", "ort")]
-    if (scheme, fmt) in {("w4a16", "ort"), ("w4a4", "qdq")}
+    if ((scheme, fmt) in {("w4a16", "ort"), ("w4a4", "qdq")} and (name, scheme) != ("gemma3-1b", "w4a4"))
     or (name, scheme, fmt) in {("qwen2.5-0.5b", "w4a16", "qdq"), ("gemma3-270m", "w4a4", "ort")}
 ]
 
