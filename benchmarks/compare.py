@@ -260,8 +260,8 @@ class _CalibrationFeeds:
         return feed
 
 
-def ort_quantizer(settings: dict, model_path: Path, exclude: list[str], feeds: list[dict] | None):
-    """ONNX Runtime's MatMulNBitsQuantizer for one row's settings, on the FP32 graph at model_path."""
+def ort_quantizer(settings: dict, model: onnx.ModelProto, exclude: list[str], feeds: list[dict] | None):
+    """ONNX Runtime's MatMulNBitsQuantizer for one row's settings, on the FP32 graph ``model``."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     # its import sets the root logger to INFO and every node logs a line; keep its warnings only
@@ -284,7 +284,7 @@ def ort_quantizer(settings: dict, model_path: Path, exclude: list[str], feeds: l
         raise ValueError(f"unknown ORT quantizer algorithm {algorithm}")
     # RTN and GPTQ take their group size, symmetry and accuracy level from the quantizer itself
     return mnq.MatMulNBitsQuantizer(
-        str(model_path), bits=4, block_size=block, is_symmetric=symmetric, accuracy_level=level,
+        model, bits=4, block_size=block, is_symmetric=symmetric, accuracy_level=level,
         nodes_to_exclude=exclude, algo_config=config,
     )  # fmt: skip
 
@@ -328,7 +328,9 @@ def run_ort_row(row: Row, record: dict, fp_dir: Path, out_dir: Path, feeds: list
     record["rss_before_bytes"] = _rss()
     with PeakRSS() as peak:
         start = time.perf_counter()
-        quantizer = ort_quantizer(row.settings, fp_path, exclude, feeds)
+        # the graph with its external data in memory: given the path, ORT's RTN and GPTQ keep the
+        # FP32 file's external references (and GPTQ builds a session from bytes, which cannot follow them)
+        quantizer = ort_quantizer(row.settings, onnx.load(str(fp_path)), exclude, feeds)
         quantizer.process()
         record["quantization_seconds"] = time.perf_counter() - start
     record["peak_rss_bytes"] = peak.peak
