@@ -270,3 +270,21 @@ def test_reliability_table_says_what_each_run_showed():
     # one file differed: the whole comparison says no
     assert "files identical to run 1: **no**; manifests equal outside `run`: yes" in table
     assert "| 4: `--resume` | 60 | files identical to run 1: yes; content_sha256 equal: yes |" in table
+
+
+def test_openvino_table_gives_openvino_relative_to_ort_level_0_and_names_what_did_not_run():
+    row = {"pytorch": 40.0, "ort_level_0": 40.0, "ort_level_4": 40.4, "openvino_cpu_defaults": 40.2}
+    results = {
+        "model": "m",
+        "eval_windows": 4,
+        "rows": {
+            "a": {"label": "w4a16 RTN g128", **row, "openvino_f32_exact": 39.8},
+            "b": {"label": "w4a4 GPTQ", **row, "openvino_f32_exact": None, "openvino_cpu_defaults": None},
+        },
+        "command": "python benchmarks/openvino_qdq.py",
+        "date": "2026-01-01",
+    }
+    table = benchmark_module("openvino_qdq").table(results)
+    form = "`--qdq-form openvino`"
+    assert f"| w4a16 RTN g128, {form} | 40.000 | 40.000 | 40.400 | 39.800 (-0.50 %) | 40.200 |" in table
+    assert f"| w4a4 GPTQ, {form} | 40.000 | 40.000 | 40.400 | not run | not run |" in table
