@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="edgeq-openvino-") as tmp:
         for key in args.rows.split(","):

@@ -299,8 +299,8 @@ def allocating_on(device: torch.device | str) -> contextlib.AbstractContextManag
     """New tensors that the methods create without a ``device=`` land on ``device``.
 
     On the CPU, where they land anyway, no mode is entered: ``torch.device`` as a context is a
-    TorchFunctionMode that routes every torch call through Python, and GPTQ's column loop makes
-    millions of them (13 of 19 s of BoA on six SmolLM2 blocks went to that dispatch)."""
+    TorchFunctionMode that routes every torch call through Python, and BoA's row and column sweeps
+    make millions of them (13 of 19 s of BoA on six SmolLM2 blocks went to that dispatch)."""
     if torch.device(device).type == "cpu":
         return contextlib.nullcontext()
     return torch.device(device)
