@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from common import add_data_arguments, load_data, publish, save_results
 
@@ -59,13 +60,15 @@ class Row:
     seeds: tuple[int, ...] = (0,)
     rotate: bool = True
     learned: bool = False
+    objective_weights: str | None = None  # learned: the weights in the objective (None = the default)
     activations: dict = field(default_factory=dict)  # ActQuantConfig overrides
 
     def config(self, steps: int, samples: int, lr: float) -> QuantConfig:
         quant = scheme_preset(self.scheme)
         kind = "learned" if self.learned else "hadamard"
+        objective = self.objective_weights or quant.rotation.objective_weights
         rotation = dataclasses.replace(quant.rotation, enabled=self.rotate, kind=kind, steps=steps,
-                                       samples=samples, lr=lr)  # fmt: skip
+                                       samples=samples, lr=lr, objective_weights=objective)  # fmt: skip
         act = dataclasses.replace(quant.activations, **self.activations)
         return dataclasses.replace(quant, method=self.method, rotation=rotation, activations=act)
 
@@ -75,18 +78,25 @@ class Row:
 ROWS = (
     Row("rotation + GPTQ", "w4a4", "gptq", SEEDS),
     Row(PRESET_LABEL, "w4a4", "boa", SEEDS),
-    Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS[:1], learned=True),
+    # float weights in the objective: SpinQuant's recipe when GPTQ rounds the weights afterwards
+    Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS[:1], learned=True, objective_weights="float"),
+    # RTN rounds afterwards what the objective rounded: SpinQuant's RTN setting
+    Row("rotation + RTN", "w4a4", "rtn"),
+    Row("learned rotation + RTN", "w4a4", "rtn", learned=True, objective_weights="rtn"),
     Row("w4a4-down8 (down_proj input A8) + GPTQ", "w4a4-down8", "gptq"),
     Row("w4a8 + GPTQ", "w4a8", "gptq"),
+    Row("w4a8 + BoA", "w4a8", "boa"),  # the preset's method
     Row("w4a4 + KV4 + GPTQ", "w4a4", "gptq", activations={"kv_bits": 4}),
 )
 # must-shows: row label → the largest perplexity / FP allowed
 LIMITS = {
     PRESET_LABEL: 1.5,
     "w4a4-down8 (down_proj input A8) + GPTQ": 1.35,
-    "w4a8 + GPTQ": 1.15,
+    "w4a8 + BoA": 1.15,
     "w4a4 + KV4 + GPTQ": 1.6,
 }
+# learned rotations against the Hadamard ones, with the same weight method: (learned, Hadamard)
+LEARNED_PAIRS = (("learned rotation + GPTQ", "rotation + GPTQ"), ("learned rotation + RTN", "rotation + RTN"))
 
 
 def quantized(source, calibration: torch.Tensor, config: QuantConfig):
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     fused["w4a16 ort"] = tmp / "w4a16-ort"
     del model, result
     speed = ort_speed(fused, args.threads, args.speed_rounds)
+    for name, folder in fused.items():
+        speed[name]["nodes"] = len(onnx.load(folder / "model.onnx", load_external_data=False).graph.node)
     print(f"speed: {speed}", flush=True)
     results = save_results(
         args,
@@ -248,17 +260,22 @@ def markdown(results: dict) -> str:
             f"| {row['label']} | {_ppl(row)} | {ratio:.2f} | {verdict} | {row['seconds']:.0f} | "
             f"{row['peak_rss_bytes'] / 2**30:.2f} |"
         )
-    hadamard, learned = by_label.get("rotation + GPTQ"), by_label.get("learned rotation + GPTQ")
-    if hadamard and learned:
+    for learned_label, hadamard_label in LEARNED_PAIRS:
+        hadamard, learned = by_label.get(hadamard_label), by_label.get(learned_label)
+        if not (hadamard and learned):
+            continue
         seeds = [x["seed"] for x in learned["seeds"]]  # compared on the seeds both ran
         had = statistics.mean(x["perplexity"] for x in hadamard["seeds"] if x["seed"] in seeds)
         closed = (had - learned["perplexity"]) / (had - fp)
         seconds = statistics.mean(x["learning_seconds"] for x in learned["seeds"])
+        method = hadamard_label.removeprefix("rotation + ")
+        objective = learned["config"]["rotation"]["objective_weights"]
         lines += [
             "",
-            f"Learned rotations close {closed * 100:.0f} % of the randomized Hadamard's gap to FP (GPTQ "
-            f"weights, seeds {', '.join(map(str, seeds))}: {learned['perplexity']:.2f} against {had:.2f}; "
-            f"must show ≥ 15 %), for {seconds:.0f} s of learning per run.",
+            f"Learned rotations close {closed * 100:.0f} % of the randomized Hadamard's gap to FP ({method} "
+            f"weights, {objective} weights in the objective, seeds {', '.join(map(str, seeds))}: "
+            f"{learned['perplexity']:.2f} against {had:.2f}; must show ≥ 15 %), for {seconds:.0f} s of "
+            f"learning per run.",
         ]
     boa, gptq = by_label.get(PRESET_LABEL), by_label.get("rotation + GPTQ")
     if boa and gptq and boa.get("std") is not None:
@@ -274,11 +291,26 @@ def markdown(results: dict) -> str:
         f"({parity * 100:+.1f} %; must show within 2 %), greedy top-1 agreement "
         f"{f['top1_agreement'] * 100:.1f} %. Decode: {w4:.1f} tokens/s against {w16:.1f} for the fused "
         f"`w4a16` graph, {w4 / w16:.2f} × (must show ≥ 0.9 ×; median of {s['speed_rounds']} interleaved "
-        f"rounds, 128-token prompt, 64 steps, {s['threads']} threads).",
+        f"rounds, 128-token prompt, 64 steps, {s['threads']} threads).{_nodes(speed)}",
         "",
         f"Produced by `{results['command']}` on {results['date']}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _nodes(speed: dict) -> str:
+    """The graphs' sizes in nodes, where the run counted them, and what each extra node cost a decode
+    step: at batch 1 ORT spends microseconds dispatching each node whatever its work, and per-token
+    quantization adds 13 standard ops per quantized input (ONNX has no one-op dynamic per-row grid)."""
+    w4, w16 = speed["w4a4 ort"], speed["w4a16 ort"]
+    if "nodes" not in w4 or "nodes" not in w16:
+        return ""
+    extra = w4["nodes"] - w16["nodes"]
+    ms = 1000 / w4["tokens_per_s"] - 1000 / w16["tokens_per_s"]
+    return (
+        f" The W4A4 graph holds {w4['nodes']} nodes against {w16['nodes']}; its {extra} more cost "
+        f"{ms:.1f} ms a step, {ms * 1000 / extra:.1f} µs each."
+    )
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:

@@ -218,7 +218,7 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
         "--rotation-objective-weights",
         choices=ROTATION_OBJECTIVE_WEIGHTS,
         help="learned rotations: weights float in the objective (default; GPTQ/BoA round them later) "
-        "or rounded to their grid by RTN",
+        "or rounded to their grid by RTN (default with --method rtn)",
     )
     cal = CalibrationConfig()
     export.add_argument("--calib", help="calibration text: .parquet, .jsonl or .txt (default: the C4 sample)")
@@ -351,6 +351,9 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         down_proj_bits=args.down_act_bits,
         kv_bits=args.kv_bits,
     )
+    method = args.method or quant.method
+    # RTN rounds afterwards what an RTN objective rounded; the other methods choose their own integers
+    objective = args.rotation_objective_weights or ("rtn" if method == "rtn" else None)
     rotation = _replace(
         quant.rotation,
         enabled=True if args.rotation and args.rotate is None else args.rotate,
@@ -359,13 +362,13 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         steps=args.rotation_steps,
         samples=args.rotation_samples,
         lr=args.rotation_lr,
-        objective_weights=args.rotation_objective_weights,
+        objective_weights=objective,
     )
     aespa = _replace(quant.aespa, iterations=args.aespa_iterations)
     mixed = _replace(quant.mixed, avg_bits=args.avg_bits, bit_choices=args.bit_choices)
     quant = dataclasses.replace(
         quant,
-        method=args.method or quant.method,
+        method=method,
         weights=weights,
         activations=activations,
         rotation=rotation,

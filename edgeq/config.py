@@ -200,9 +200,10 @@ class RotationConfig:
     (short windows keep a step to seconds on a CPU). On SmolLM2 the loss of the objective (per-token
     STE gradients of size ~50-100 on R1) rose at lr 0.05 and fell steadily at 0.003.
     objective_weights: "rtn" rounds the rotated weights to their grid inside the objective (RTN with a
-    straight-through gradient); "float" leaves them float, so only the activations are quantized
-    (SpinQuant's recipe when GPTQ-like methods choose the integer weights afterwards: rotations fitted
-    to RTN's rounding errors do not carry over to GPTQ's).
+    straight-through gradient: the setting for ``method="rtn"``, which the CLI picks with it); "float"
+    leaves them float, so only the activations are quantized (SpinQuant's recipe when GPTQ-like
+    methods choose the integer weights afterwards: rotations fitted to RTN's rounding errors do not
+    carry over to GPTQ's).
     """
 
     enabled: bool = False

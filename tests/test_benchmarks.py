@@ -62,10 +62,11 @@ def test_readme_is_updated_only_between_the_markers(tmp_path):
     assert "new table" in text and "old" not in text
 
 
-def _w4a4_row(label, ppl, std=None, learning=0.0):
+def _w4a4_row(label, ppl, std=None, learning=0.0, objective="float"):
     seeds = [{"seed": 0, "perplexity": ppl, "learning_seconds": learning}]
+    config = {"rotation": {"objective_weights": objective}}
     return {"label": label, "perplexity": ppl, "std": std, "seeds": seeds, "seconds": 9.0,
-            "peak_rss_bytes": 2**30}  # fmt: skip
+            "peak_rss_bytes": 2**30, "config": config}  # fmt: skip
 
 
 W4A4_RESULTS = {
@@ -89,7 +90,10 @@ W4A4_RESULTS = {
         _w4a4_row("rotation + GPTQ", 16.0, 0.5),
         _w4a4_row("rotation + BoA", 14.0, 0.25),
         _w4a4_row("learned rotation + GPTQ", 14.5, 0.5, learning=120.0),
+        _w4a4_row("rotation + RTN", 50.0),
+        _w4a4_row("learned rotation + RTN", 30.0, learning=100.0, objective="rtn"),
         _w4a4_row("w4a8 + GPTQ", 12.0),
+        _w4a4_row("w4a8 + BoA", 11.0),
     ],
     "fused": {
         "graph": "fused",
@@ -97,7 +101,10 @@ W4A4_RESULTS = {
         "ort_perplexity": 14.14,
         "top1_agreement": 0.9,
         "bytes": 1e8,
-        "speed": {"w4a4 ort": {"tokens_per_s": 95.0}, "w4a16 ort": {"tokens_per_s": 100.0}},
+        "speed": {
+            "w4a4 ort": {"tokens_per_s": 95.0, "nodes": 2000},
+            "w4a16 ort": {"tokens_per_s": 100.0, "nodes": 300},
+        },
     },  # fmt: skip
     "command": "python benchmarks/w4a4.py",
     "date": "2026-01-01",
@@ -108,11 +115,16 @@ W4A4_RESULTS = {
 def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     table = benchmark_module("w4a4").markdown(W4A4_RESULTS)
     assert "| rotation + BoA | 14.00 ± 0.25 | 1.40 | ≤ 1.5 × ✓ | 9 | 1.00 |" in table
-    assert "| w4a8 + GPTQ | 12.00 | 1.20 | ≤ 1.15 × ✗ |" in table
+    assert "| w4a8 + BoA | 11.00 | 1.10 | ≤ 1.15 × ✓ |" in table
+    assert "| w4a8 + GPTQ | 12.00 | 1.20 |  |" in table  # the limit is the preset's (BoA's)
     assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
-    assert "close 25 % of the randomized Hadamard's gap" in table  # (16 − 14.5) / (16 − 10)
-    assert "seeds 0: 14.50 against 16.00" in table
-    assert "120 s of learning per run" in table
+    # (16 − 14.5) / (16 − 10) with GPTQ, (50 − 30) / (50 − 10) with RTN
+    assert "close 25 % of the randomized Hadamard's gap to FP (GPTQ weights, float weights" in table
+    assert "seeds 0: 14.50 against 16.00" in table and "120 s of learning per run" in table
+    assert "close 50 % of the randomized Hadamard's gap to FP (RTN weights, rtn weights" in table
+    assert "30.00 against 50.00" in table and "100 s of learning per run" in table
+    # 1000/95 − 1000/100 ms for 1700 nodes
+    assert "holds 2000 nodes against 300; its 1700 more cost 0.5 ms a step, 0.3 µs each" in table
     assert "BoA against GPTQ at W4A4: 14.00 ± 0.25 against 16.00 ± 0.50" in table
     assert "(+1.0 %; must show within 2 %)" in table
     assert "95.0 tokens/s against 100.0" in table and "0.95 ×" in table

@@ -80,4 +80,7 @@ def test_w4a4_presets_learned_rotations_and_clip_search_from_the_command_line():
     assert (rot.enabled, rot.kind, rot.steps, rot.samples, rot.lr) == (True, "learned", 5, 3, 0.01)
     assert rot.objective_weights == "rtn"
     assert _config("--scheme", "w4a4").quant.rotation.objective_weights == "float"
+    assert _config("--scheme", "w4a4", "--method", "rtn").quant.rotation.objective_weights == "rtn"
+    rtn_float = _config("--scheme", "w4a4", "--method", "rtn", "--rotation-objective-weights", "float")
+    assert rtn_float.quant.rotation.objective_weights == "float"
     assert ExportConfig.from_dict(config.to_dict()) == config

@@ -137,3 +137,4 @@ def test_export_with_learned_rotations_reports_the_learning(tiny_model_dir, text
     assert "learn_rotations_s" in report["timings_s"]
     config = json.loads((out / "edgeq_config.json").read_text())
     assert config["quant"]["rotation"]["kind"] == "learned"
+    assert config["quant"]["rotation"]["objective_weights"] == "rtn"  # --method rtn's default
