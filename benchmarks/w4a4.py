@@ -301,7 +301,8 @@ def markdown(results: dict) -> str:
 def _nodes(speed: dict) -> str:
     """The graphs' sizes in nodes, where the run counted them, and what each extra node cost a decode
     step: at batch 1 ORT spends microseconds dispatching each node whatever its work, and per-token
-    quantization adds 13 standard ops per quantized input (ONNX has no one-op dynamic per-row grid)."""
+    quantization adds standard ops to every quantized input (13 asymmetric, 5 symmetric:
+    ``exporters.ort_fused``), as ONNX has no one-op dynamic per-row grid."""
     w4, w16 = speed["w4a4 ort"], speed["w4a16 ort"]
     if "nodes" not in w4 or "nodes" not in w16:
         return ""
