@@ -2,11 +2,13 @@
 
     python benchmarks/onnx_formats.py              # SmolLM2, RTN weights (the formats, not the method)
 
-For w4a16 and w4a4, one model is quantized, exported as ``qdq`` and converted to ``ort``
-(MatMulNBits); both are scored in one pass over the evaluation windows against the PyTorch
-fake-quantized model (perplexity, greedy top-1 agreement; MatMulNBits accuracy levels 0 and 4), and
-timed with the KV cache (128-token prompt, 64 greedy steps, 2 threads) beside the FP32 ONNX export
-of the same model, measured in the same run.
+For w4a16 and w4a4, one model is quantized and written in both formats as ``edgeq export --format``
+writes them (``exporters.export_onnx``): ``qdq`` is optimum's graph with int4 DequantizeLinear
+weights, ``ort`` the fused graph (``exporters.ort_fused``) where the model allows it. Both are scored
+in one pass over the evaluation windows against the PyTorch fake-quantized model (perplexity, greedy
+top-1 agreement; MatMulNBits accuracy levels 0 and 4), and timed with the KV cache as a user runs
+them, at ONNX Runtime's default accuracy level (128-token prompt, 64 greedy steps, 2 threads),
+beside the FP32 ONNX export of the same model, measured in the same run.
 
 Writes benchmarks/results/onnx_formats.json and .md, and the README table between its markers.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,17 +31,20 @@ from edgeq.models.loading import load_model
 from edgeq.pipeline import quantize_model
 from edgeq.rotation.rotate import rotate_model
 from edgeq.scoring import perplexities_and_agreement
+from exporters import export_onnx
 from exporters.onnx_qdq import export_qdq
-from exporters.ort_matmulnbits import to_matmulnbits
 
 README_MARKER = "onnx format results"
 SCHEMES = ("w4a16", "w4a4")
 LEVELS = (0, 4)
+FORMATS = ("qdq", "ort")
 METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA"}
 
 
 def _speed(folder: Path, threads: int, repeats: int) -> dict:
-    return measure_decode(OrtCausalLM(folder, threads=threads), 128, 64, repeats)
+    """Decode timings as a user runs the graph: at the MatMulNBits accuracy level ORT picks (the
+    fused graph's own; level 4 where ORT fuses a qdq graph's int4 weights)."""
+    return measure_decode(OrtCausalLM(folder, threads=threads, accuracy_level=None), 128, 64, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,10 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             adapter = adapter_for(model)
             rotate_model(model, adapter, config.rotation)
             result = quantize_model(model, adapter, config, data.calibration)
-            qdq_dir, ort_dir = Path(tmp) / f"{scheme}-qdq", Path(tmp) / f"{scheme}-ort"
-            infos = {"qdq": export_qdq(model, result.weights, qdq_dir)}
-            shutil.copytree(qdq_dir, ort_dir)
-            infos["ort"] = to_matmulnbits(dataclasses.replace(infos["qdq"], path=ort_dir / "model.onnx"))
+            infos = {fmt: export_onnx(model, adapter, result, Path(tmp) / f"{scheme}-{fmt}", fmt)
+                     for fmt in FORMATS}  # fmt: skip
             candidates = {
                 f"{fmt} {level}": OrtCausalLM(info.path.parent, accuracy_level=level).logits
                 for fmt, info in infos.items()
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                 speed = _speed(info.path.parent, args.threads, args.repeats)
                 levels = {f"accuracy_level_{lvl}": compared[f"{fmt} {lvl}"] for lvl in LEVELS}
                 rows.append({
-                    "model": f"{scheme} {fmt}", "scheme": scheme, "format": fmt,
+                    "model": f"{scheme} {fmt}", "scheme": scheme, "format": fmt, "graph": info.graph,
                     "torch_perplexity": torch_ppl,
                     "perplexity": {k: v["perplexity"] for k, v in levels.items()},
                     "top1_agreement": {k: v["top1_agreement"] for k, v in levels.items()},
@@ -114,9 +116,10 @@ def markdown(results: dict) -> str:
         f"Model `{results['model']}`, weights by {method}; perplexity on WikiText-2 test, "
         f"{results['eval_windows']} windows of {s['eval_seq_len']} tokens; ONNX Runtime CPU, "
         f"MatMulNBits accuracy level 0 (level 4 in brackets); top-1: greedy agreement with the PyTorch "
-        f"fake-quantized model; decode: {fp['speed']['prompt_tokens']}-token prompt, "
+        f"fake-quantized model; decode (at the accuracy level ONNX Runtime picks by default): "
+        f"{fp['speed']['prompt_tokens']}-token prompt, "
         f"{fp['speed']['new_tokens']} steps with the KV cache, {s['threads']} threads, p50 of "
-        f"{fp['speed']['repeats']} runs.",
+        f"{fp['speed']['repeats']} runs.{_graphs(results['rows'])}",
         "",
         "| model | PyTorch ppl | ONNX ppl | top-1 | size (MB) | embedding / blocks / lm_head (MB) "
         "| prefill (ms) | decode (tokens/s) | decode vs FP32 |",
@@ -139,8 +142,27 @@ def markdown(results: dict) -> str:
             f"| {row['model']} | {torch_ppl} | {onnx_ppl} | {agreement} | {row['bytes'] / 1e6:.1f} | {parts} "
             f"| {row['speed']['prefill_ms']['p50']:.0f} | {tps:.1f} | {tps / fp_speed:.2f} × |"
         )
+    lines += _w4a4_ratio(results["rows"])
     lines += ["", f"Produced by `{results['command']}` on {results['date']}."]
     return "\n".join(lines) + "\n"
+
+
+def _w4a4_ratio(rows: list[dict]) -> list[str]:
+    """The W4A4 ``ort`` graph's decode speed against W4A16's, both measured in this run."""
+    speed = {row["model"]: row["speed"]["decode_tokens_per_s"]["p50"] for row in rows}
+    if "w4a4 ort" not in speed or "w4a16 ort" not in speed:
+        return []
+    ratio = speed["w4a4 ort"] / speed["w4a16 ort"]
+    return ["", f"The w4a4 `ort` graph decodes at {ratio:.2f} × the w4a16 `ort` graph's speed in this run."]
+
+
+def _graphs(rows: list[dict]) -> str:
+    """Which graph each exported row is (runs before the field was recorded: nothing)."""
+    graphs = [f"{row['model']}: {GRAPH_NAMES[row['graph']]}" for row in rows if "graph" in row]
+    return f" Graphs: {'; '.join(graphs)}." if graphs else ""
+
+
+GRAPH_NAMES = {"optimum": "optimum's traced graph", "fused": "the fused graph (ORT's contrib operators)"}
 
 
 def write_tables(results: dict, out: Path, readme: bool) -> None:
