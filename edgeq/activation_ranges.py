@@ -14,6 +14,17 @@ the squared output error the grid causes in the float linears, and c = argmin ov
 The inputs of a block are searched in the order the block reads them (attention input, o_proj's,
 MLP input, down_proj's), each with the inputs before it already quantized at their chosen ratios,
 so every search sees the activations the exported graph will feed it.
+
+Shifts (``ActQuantConfig.shift``). A per-token grid adapts to each token's range, not to a direction
+that every token shares. After an RMSNorm and R1, SmolLM2's tokens do share one: the mean μ of the
+attention and MLP inputs over the calibration tokens has norm ≈ 17-18 against each token's √576 = 24,
+so about half of every token's energy is μ, and a grid fitted to the token spends most of its levels
+on it. Quantizing X − μ instead and adding μ back in float, Q(X − μ) + μ, leaves the float function
+unchanged and rounds only what differs from token to token (as Outlier Suppression+'s channel-wise
+shift, arXiv 2304.09145, there folded into a LayerNorm's bias, which an RMSNorm does not have: the
+exported graphs subtract and add it, two ops per quantized input). μ is each input's mean over
+the first SEARCH_WINDOWS calibration windows, fitted before the clip search, which then searches
+the grid of X − μ.
 """
 
 from __future__ import annotations
@@ -98,9 +109,68 @@ def search_block_clip_ratios(
         finally:
             handle.remove()
         x = _sample_rows(captured, tokens)
+        shift = quantizers[group[0]].shift
+        if shift is not None:  # the grid sees the input less its shift
+            x = x - shift
         weights = [quantizers[role].linear.weight.detach().float() for role in group]
         ratio = best_clip_ratio(x, weights, act, bits)
         for role in group:
             quantizers[role].set_quantization(act, bits, ratio)
             ratios[role] = ratio
     return ratios
+
+
+@torch.no_grad()
+def fit_block_shifts(
+    adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+    device: torch.device | str = "cpu", windows: int = SEARCH_WINDOWS,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The shift of every quantized linear input of ``block`` (by role; linears that share an input
+    share one): its per-channel mean [d] over the batches of ``hidden`` (per batch [b, L, d], with the
+    block's ``kwargs`` per batch) that hold the first ``windows`` windows, computed with the block's
+    activation quantizers off, and set on the linears (``QuantInputLinear.shift``)."""
+    quantizers = {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(role: str):
+        def hook(_module, args) -> None:
+            # on the linear inside the wrapper: its input is after the online rotation, before the grid
+            rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[role] = sums.get(role, 0) + rows.sum(0)
+            counts[role] = counts.get(role, 0) + rows.shape[0]
+
+        return hook
+
+    handles = [quantizers[g[0]].linear.register_forward_pre_hook(accumulate(g[0])) for g in INPUT_GROUPS]
+    saved = {role: module.quantize_input for role, module in quantizers.items()}
+    seen = 0
+    try:
+        for module in quantizers.values():
+            module.quantize_input = False
+        for h, kw in zip(hidden, kwargs, strict=True):
+            if seen >= windows:
+                break
+            block_forward(adapter, block, to_device(h, device, torch.float32), to_device(kw, device))
+            seen += h.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for role, module in quantizers.items():
+            module.quantize_input = saved[role]
+    shifts = {}
+    for group in INPUT_GROUPS:
+        mean = (sums[group[0]] / counts[group[0]]).float()
+        for role in group:  # a tensor each: a block's recorded state (edgeq.resume) names every one
+            quantizers[role].shift = mean.clone()
+            shifts[role] = quantizers[role].shift
+    return shifts
+
+
+def reserve_shifts(adapter: Adapter, block: nn.Module) -> None:
+    """Zero shifts on every quantized linear input of ``block``, for a recorded block's state to be
+    copied into (``edgeq.resume.restore_block``)."""
+    for group in INPUT_GROUPS:
+        for role in group:
+            module = adapter.input_quantizer(block, role)
+            module.shift = torch.zeros(module.linear.in_features, device=module.linear.weight.device)

@@ -104,6 +104,10 @@ class QuantInputLinear(nn.Module):
     the unchanged ``linear``. Linears that read one input (q/k/v, gate/up) carry equal settings, so
     an exported graph quantizes that input once.
 
+    ``shift`` (a buffer [in_features], or None): a static offset taken out of the input before the
+    grid and added back after it, Q(x − shift) + shift, so only the part of each token that differs
+    from it is rounded (``ActQuantConfig.shift``, ``edgeq.activation_ranges.fit_block_shifts``).
+
     Calibration of the weights runs with quantize_input off (Hessians of the rotated float
     activations) unless ``ActQuantConfig.calibrate_quantized``; the pipeline sets the grid.
     """
@@ -116,6 +120,7 @@ class QuantInputLinear(nn.Module):
         self.symmetric = True
         self.clip_ratio = 1.0
         self.quantize_input = False
+        self.register_buffer("shift", None)
 
     def set_quantization(self, act: ActQuantConfig, bits: int, clip_ratio: float | None = None) -> None:
         """The grid of ``act`` at ``bits`` (16 = off), with its clip ratio unless one is given (a
@@ -128,9 +133,19 @@ class QuantInputLinear(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         if self.quantize_input:
-            width = self.linear.in_features
-            x = PerTokenFakeQuant.apply(x, self.bits, self.symmetric, self.clip_ratio, width)
+            x = self._fake_quant(x)
         return self.linear(x)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (self.bits, self.symmetric, self.clip_ratio, self.linear.in_features)
+        if self.shift is None:
+            return PerTokenFakeQuant.apply(x, *grid)
+        # the shift in float32, as the grid math (fake_quant_per_token) and the exported graphs do
+        wide = torch.promote_types(x.dtype, torch.float32)
+        xf = x if x.dtype == wide else x.to(wide)
+        shift = self.shift.to(wide)
+        out = PerTokenFakeQuant.apply(xf - shift, *grid) + shift
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 @contextlib.contextmanager

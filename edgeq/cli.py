@@ -199,6 +199,11 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     )
     act.add_argument("--down-act-bits", type=int, help="bits of down_proj's input (default: --act-bits)")
     act.add_argument(
+        "--act-shift", action=argparse.BooleanOptionalAction, default=None,
+        help="take each quantized input's calibration mean out before its grid and add it back after "
+        "(default: the scheme's)",
+    )  # fmt: skip
+    act.add_argument(
         "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
     )
     rot = act.add_mutually_exclusive_group()
@@ -350,6 +355,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         clip_search=None if args.act_clip is None else args.act_clip == "search",
         down_proj_bits=args.down_act_bits,
         kv_bits=args.kv_bits,
+        shift=args.act_shift,
     )
     method = args.method or quant.method
     # RTN rounds afterwards what an RTN objective rounded; the other methods choose their own integers

@@ -153,6 +153,9 @@ class ActQuantConfig:
     block's own inputs and everything upstream); otherwise on float activations (QuaRot's recipe).
     clip_search: each input's clip ratio is searched on the calibration data
     (``edgeq.activation_ranges``; clip_ratio is then unused).
+    shift: each quantized input loses its calibration mean before the grid and gets it back after,
+    Q(x − μ) + μ (``edgeq.activation_ranges``: the mean direction every token shares takes no grid
+    levels; two more ops per input in the graphs).
     """
 
     bits: int = 16
@@ -162,6 +165,7 @@ class ActQuantConfig:
     kv_bits: int = 16
     calibrate_quantized: bool = True
     clip_search: bool = False
+    shift: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -418,7 +418,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
     group = "per channel" if weights.get("group_size") == -1 else f"group size {weights.get('group_size')}"
     symmetric = "symmetric" if weights.get("symmetric") else "asymmetric"
     abits, kv_bits = acts.get("bits", 16), acts.get("kv_bits", 16)
-    act_text = f"int{abits} per token (clip {acts.get('clip_ratio')})" if abits < 16 else "float"
+    shifted = ", shifted by the calibration mean" if acts.get("shift") else ""
+    act_text = f"int{abits} per token (clip {acts.get('clip_ratio')}{shifted})" if abits < 16 else "float"
     kv_text = f"int{kv_bits}" if kv_bits < 16 else "float"
     applied = ", ".join(f"{k.upper()} ({v})" for k, v in (rotation.get("applied") or {}).items()) or "none"
     params = model.get("parameters")

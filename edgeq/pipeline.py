@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgeq.activation_ranges import search_block_clip_ratios
+from edgeq.activation_ranges import fit_block_shifts, reserve_shifts, search_block_clip_ratios
 from edgeq.activations import float_activations
 from edgeq.config import ActQuantConfig, QuantConfig
 from edgeq.kv_cache import kv_spec
@@ -188,6 +188,8 @@ def prepare_block(
         rotate_block(model, adapter, block, plan, index)
     if act.enabled:
         quantize_block_activations(model, adapter, block, act, clip_ratios)
+        if act.shift:  # the record's state holds their values
+            reserve_shifts(adapter, block)
 
 
 @torch.no_grad()
@@ -282,17 +284,19 @@ def advance(
 
 @contextlib.contextmanager
 def in_dtype(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """The module's floating parameters in ``dtype`` for the duration (float32 ones restored after)."""
+    """The module's floating parameters and buffers in ``dtype`` for the duration (float32 ones restored
+    after)."""
     if dtype == torch.float32:
         yield
         return
-    saved = {name: p.data for name, p in module.named_parameters()}
+    # buffers too: the online rotations' factors and the activation shifts stay float32 after
+    saved = {name: t.data for name, t in [*module.named_parameters(), *module.named_buffers()]}
     try:
         module.to(dtype)
         yield
     finally:
-        for name, p in module.named_parameters():
-            p.data = saved[name]
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            t.data = saved[name]
 
 
 def allocating_on(device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -417,6 +421,8 @@ def run_blocks(
             clip_ratios: dict[str, float] = {}
             if act.enabled:
                 quantize_block_activations(model, adapter, block, act)
+                if act.shift:  # first: the clip search fits the grid of the shifted inputs
+                    fit_block_shifts(adapter, block, hidden, kwargs, device)
                 if act.clip_search:  # on the float weights, the inputs the quantized blocks give
                     clip_ratios = search_block_clip_ratios(adapter, block, hidden, kwargs, act, device)
                     result.clip_ratios |= {adapter.linear_name(index, r): c for r, c in clip_ratios.items()}

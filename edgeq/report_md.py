@@ -343,6 +343,8 @@ def _activations_text(act: dict) -> str:
     text = f"{bits}-bit, {'symmetric' if act.get('symmetric') else 'asymmetric'}"
     if act.get("clip_ratio") is not None:
         text += f", clip ratio {act['clip_ratio']}"
+    if act.get("shift"):
+        text += ", each input shifted by its calibration mean"
     if act.get("down_proj_bits") is not None:
         text += f"; down_proj input {act['down_proj_bits']}-bit"
     return text

@@ -384,6 +384,53 @@ def _merge_once(graph: onnx.GraphProto, kept_names: set[str]) -> int:
     return len(removed)
 
 
+# initializers up to this size are compared by value (activation shifts, a few KiB); weights are not
+_ALIASED_INITIALIZER_BYTES = 1 << 16
+
+
+def _alias_copies(graph: onnx.GraphProto, kept_names: set[str]) -> int:
+    """Copies of one tensor read under one name: an Identity node's consumers read its input (the
+    node goes), and small initializers with equal type, shape and bytes the first one's name.
+    The traced linears that read one input each carry their own copy of its shift
+    (``QuantInputLinear.shift``): equal tensors, which the exporter writes as initializers or as
+    Identity nodes of the first; once they are one name, the Sub nodes reading them merge as the
+    rest of the chain does. ``kept_names`` (graph inputs and outputs, names that a subgraph reads)
+    keep their producers. Returns how many Identity nodes were removed."""
+    alias: dict[str, str] = {}
+    identities = [n for n in graph.node if n.op_type == "Identity" and n.domain in ("", "ai.onnx")
+                  and n.output[0] not in kept_names]  # fmt: skip
+    for node in identities:
+        alias[node.output[0]] = node.input[0]
+        graph.node.remove(node)
+    first: dict[tuple, str] = {}
+    for init in graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL or init.name in kept_names:
+            continue
+        data = init.raw_data or numpy_helper.to_array(init).tobytes()
+        if len(data) > _ALIASED_INITIALIZER_BYTES:
+            continue
+        key = (init.data_type, tuple(init.dims), data)
+        original = first.setdefault(key, init.name)
+        if original != init.name:
+            alias[init.name] = original
+    if not alias:
+        return 0
+
+    def resolve(name: str) -> str:
+        while name in alias:  # an Identity of an Identity, or of an aliased initializer
+            name = alias[name]
+        return name
+
+    for node in graph.node:
+        node.input[:] = [resolve(name) for name in node.input]
+    for vi in [vi for vi in graph.value_info if vi.name in alias]:
+        graph.value_info.remove(vi)
+    kept = [init for init in graph.initializer if init.name not in alias]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(identities)
+
+
 def merge_duplicate_nodes(graph_model: onnx.ModelProto) -> int:
     """Common-subexpression elimination: of the nodes that compute the same values (same operator and
     domain, the same inputs, equal attributes, Constant nodes compared by value), the first is kept
@@ -397,7 +444,8 @@ def merge_duplicate_nodes(graph_model: onnx.ModelProto) -> int:
     input, down_proj input). The merged nodes computed the same values, so the graph's outputs are
     bit for bit the same.
 
-    Only what is safe merges: operators of the standard ONNX domain that are functions of their
+    Copies of one tensor count as one (``_alias_copies``; its removed Identity nodes are counted
+    too). Only what is safe merges: operators of the standard ONNX domain that are functions of their
     inputs (not the random ones, not those with subgraphs); a node making a graph output stays (its
     name is the graph's interface), as does one whose output a subgraph reads. Weight
     DequantizeLinear nodes read distinct initializers, so each keeps its one MatMul, the pattern
@@ -405,7 +453,7 @@ def merge_duplicate_nodes(graph_model: onnx.ModelProto) -> int:
     inputs are its original's."""
     graph = graph_model.graph
     kept_names = {vi.name for vi in graph.output} | _names_read_by_subgraphs(graph)
-    total = 0
+    total = _alias_copies(graph, kept_names | {vi.name for vi in graph.input})
     while removed := _merge_once(graph, kept_names):
         total += removed
     return total

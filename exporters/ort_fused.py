@@ -23,6 +23,7 @@ block over the last axis (asymmetric: the range, scale and zero point from Reduc
 {R4}: the online Hadamard on down_proj's input: Reshape into a [.., k_1, k_2] view, one MatMul per
 regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
 ``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4).
+With shifts (``ActQuantConfig.shift``), each quantized input is Sub(shift) → {A} → Add(shift): 8 more.
 
 [...]: Gemma3 only. Its embedding is scaled at the Gather output (the table stays the one a tied
 lm_head reads); its post-attention and post-feedforward norms (``adapter.branch_norms``) norm the
@@ -233,13 +234,15 @@ class InputGrid:
     bits: int
     symmetric: bool
     clip_ratio: float
+    shift: tuple[float, ...] | None = None  # QuantInputLinear.shift, taken out before the grid
 
 
 def input_grid(wrapper: QuantInputLinear | None) -> InputGrid | None:
     """The grid of a wrapped linear's input; None where its input stays float."""
     if wrapper is None or not wrapper.quantize_input:
         return None
-    return InputGrid(wrapper.bits, wrapper.symmetric, float(wrapper.clip_ratio))
+    shift = None if wrapper.shift is None else tuple(wrapper.shift.detach().float().cpu().tolist())
+    return InputGrid(wrapper.bits, wrapper.symmetric, float(wrapper.clip_ratio), shift)
 
 
 def shared_input_grid(wrappers: dict[str, QuantInputLinear | None]) -> InputGrid | None:
@@ -395,7 +398,11 @@ def _linear_input(
         x = g.op("Cast", [x], to=TensorProto.FLOAT)
     if rotation is not None:
         x = _kronecker_rotation(g, x, f"{name}.rotation", rotation, width, exact=half)
-    if grid is not None:
+    if grid is not None and grid.shift is not None:  # Q(x − shift) + shift, in float32
+        shift = g.constant(f"{name}.act.shift", np.array(grid.shift, np.float32), exact=True)
+        quantized = _fake_quant_per_token(g, g.op("Sub", [x, shift]), f"{name}.act", grid, width)
+        x = g.op("Add", [quantized, shift])
+    elif grid is not None:
         x = _fake_quant_per_token(g, x, f"{name}.act", grid, width)
     if half:
         x = g.op("Cast", [x], to=helper.np_dtype_to_tensor_dtype(np.dtype(g.float_type)))

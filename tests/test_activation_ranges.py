@@ -9,8 +9,14 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from edgeq.activation_ranges import CLIP_CANDIDATES, best_clip_ratio, output_error, search_block_clip_ratios
-from edgeq.activations import fake_quant_per_token
+from edgeq.activation_ranges import (
+    CLIP_CANDIDATES,
+    best_clip_ratio,
+    fit_block_shifts,
+    output_error,
+    search_block_clip_ratios,
+)
+from edgeq.activations import QuantInputLinear, fake_quant_per_token
 from edgeq.config import ActQuantConfig, scheme_preset
 from edgeq.models.adapters import INPUT_GROUPS, adapter_for
 from edgeq.pipeline import capture_block_inputs, quantize_model
@@ -89,3 +95,53 @@ def test_searched_ratios_lower_each_inputs_error_and_reach_the_result():
         else:
             assert result.clip_ratios == {}
     assert errors[True] <= errors[False] * 1.05
+
+
+def test_a_shift_takes_the_shared_direction_out_of_the_grid():
+    """Tokens that share one large direction μ (as SmolLM2's norm outputs do, ``activation_ranges``):
+    Q(x − μ) + μ rounds only the part that differs between tokens, so its error is far below the
+    per-token grid's on x itself; with the grid off the shift changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    mu = 3 * torch.randn(256, generator=gen)
+    x = mu + torch.randn(512, 256, generator=gen)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    module = QuantInputLinear(linear)
+    errors = {}
+    for shifted in (False, True):
+        module.shift = mu.clone() if shifted else None
+        module.set_quantization(A4, 4)
+        with torch.no_grad():
+            errors[shifted] = float((module(x) - linear(x)).pow(2).sum())
+            module.quantize_input = False
+            torch.testing.assert_close(module(x), linear(x), rtol=0, atol=0)
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_block_shifts_are_each_inputs_calibration_mean():
+    """fit_block_shifts: one shift per input, equal for the linears that share it but a tensor each
+    (a block's recorded state names every one), and the per-channel mean of what the linear reads
+    (after the online rotation)."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    rotate_model(model, adapter, scheme_preset("w4a4").rotation)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stream = capture_block_inputs(model, adapter, ids, batch_size=2)
+    block, kwargs = adapter.blocks(model)[0], [kw[0] for kw in stream.kwargs]
+    seen: dict[str, list[torch.Tensor]] = {group[0]: [] for group in INPUT_GROUPS}
+    handles = [
+        adapter.input_quantizer(block, role).linear.register_forward_pre_hook(
+            lambda _m, args, role=role: seen[role].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for role in seen
+    ]
+    shifts = fit_block_shifts(adapter, block, stream.hidden, kwargs)
+    for handle in handles:
+        handle.remove()
+    assert set(shifts) == {role for group in INPUT_GROUPS for role in group}
+    for group in INPUT_GROUPS:
+        expected = torch.cat(seen[group[0]]).mean(0)
+        for role in group:
+            module = adapter.input_quantizer(block, role)
+            assert module.shift is shifts[role]
+            torch.testing.assert_close(module.shift, expected, rtol=1e-5, atol=1e-6)
+        assert len({id(shifts[role]) for role in group}) == len(group)

@@ -62,9 +62,9 @@ def test_a_weight_missing_from_the_graph_is_an_error(tmp_path):
         onnx_qdq.export_qdq(model, result.weights, tmp_path)
 
 
-def _w4a4(model_type: str, kv_bits: int = 16, symmetric: bool = True):
+def _w4a4(model_type: str, kv_bits: int = 16, symmetric: bool = True, shift: bool = False):
     """A tiny model quantized with the w4a4 preset (rotations, per-token A4; ``symmetric`` or
-    asymmetric activations; KV cache at ``kv_bits``)."""
+    asymmetric activations, with ``shift``s or not; KV cache at ``kv_bits``)."""
     import dataclasses
 
     from edgeq.config import scheme_preset
@@ -73,7 +73,7 @@ def _w4a4(model_type: str, kv_bits: int = 16, symmetric: bool = True):
     model = tiny_model(model_type)
     adapter = adapter_for(model)
     config = scheme_preset("w4a4")
-    activations = dataclasses.replace(config.activations, kv_bits=kv_bits, symmetric=symmetric)
+    activations = dataclasses.replace(config.activations, kv_bits=kv_bits, symmetric=symmetric, shift=shift)
     config = dataclasses.replace(config, method="rtn", activations=activations)
     rotate_model(model, adapter, config.rotation, kv_quantized=kv_bits < 16)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -297,7 +297,7 @@ def test_a_tied_float_table_is_stored_once_in_the_qdq_graph(model_type, tmp_path
 
 def _activation_pairs(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, list[str]]]:
     """Each activation QuantizeLinear with the op types of the nodes reading its DequantizeLinear's
-    output (through the Cast back to float16 in a float16 graph)."""
+    output (through the Add of a shift and the Cast back to float16 in a float16 graph)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -307,26 +307,29 @@ def _activation_pairs(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, list
         (dq,) = consumers[q.output[0]]
         assert dq.op_type == "DequantizeLinear"
         readers = consumers[dq.output[0]]
-        if [n.op_type for n in readers] == ["Cast"]:
+        while [n.op_type for n in readers] in (["Add"], ["Cast"]):
             readers = consumers[readers[0].output[0]]
         pairs.append((q, sorted(n.op_type for n in readers)))
     return pairs
 
 
 @pytest.mark.parametrize(
-    ("symmetric", "fmt", "dtype"),
-    [(True, "whole", "float32"), (False, "whole", "float32"), (True, "qdq", "float32"),
-     (False, "qdq", "float16"), (True, "ort", "float32")],
-    ids=["sym-whole", "asym-whole", "sym-stitched", "asym-stitched-fp16", "sym-stitched-ort"],
+    ("symmetric", "fmt", "dtype", "shift"),
+    [(True, "whole", "float32", False), (False, "whole", "float32", False), (True, "qdq", "float32", False),
+     (False, "qdq", "float16", False), (True, "ort", "float32", False), (True, "whole", "float32", True),
+     (False, "qdq", "float16", True), (False, "ort", "float32", True)],
+    ids=["sym-whole", "asym-whole", "sym-stitched", "asym-stitched-fp16", "sym-stitched-ort",
+         "sym-whole-shift", "asym-stitched-fp16-shift", "asym-stitched-ort-shift"],
 )  # fmt: skip
-def test_w4a4_quantizes_each_shared_input_once(symmetric, fmt, dtype, tmp_path):
+def test_w4a4_quantizes_each_shared_input_once(symmetric, fmt, dtype, shift, tmp_path):
     """Issue 15: four activation Q/DQ pairs per block (the attention input read by q/k/v, o_proj's
     input, the MLP input read by gate/up, down_proj's input), each DQ feeding all the linears that
     read the tensor: in the whole-model trace, the stitched qdq graph (float16 too: Casts in front)
-    and the stitched ort graph, where every weight still became MatMulNBits."""
+    and the stitched ort graph, where every weight still became MatMulNBits. With shifts, one Sub
+    and one Add around each pair."""
     from exporters import export_onnx
 
-    model, result = _w4a4("llama", symmetric=symmetric)
+    model, result = _w4a4("llama", symmetric=symmetric, shift=shift)
     if fmt == "whole":
         info = onnx_qdq.export_qdq(model, result.weights, tmp_path)
     else:
@@ -345,6 +348,9 @@ def test_w4a4_quantizes_each_shared_input_once(symmetric, fmt, dtype, tmp_path):
     assert dtypes == {onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4}
     if fmt == "ort":
         assert sum(n.op_type == "MatMulNBits" for n in graph.node) == len(result.weights)
+    if shift:  # Sub → Q → DQ → Add, once per pair
+        producers = {out: node for node in graph.node for out in node.output}
+        assert all(producers[q.input[0]].op_type == "Sub" for q, _ in pairs)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

@@ -281,6 +281,8 @@ A4_CASES = {
     "asym-a4": ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9),
     "sym-a4-down-a8": ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9, down_proj_bits=8),
     "asym-a8-clip1": ActQuantConfig(bits=8, symmetric=False, clip_ratio=1.0),
+    "sym-a4-shift": ActQuantConfig(bits=4, symmetric=True, clip_ratio=0.9, shift=True),
+    "asym-a4-shift": ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9, shift=True),
 }
 
 

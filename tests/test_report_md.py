@@ -37,6 +37,7 @@ PARITY = {
 SETUP_TEXTS = (
     "4-bit, group size 128, asymmetric",
     "clip ratio 0.9",
+    "each input shifted by its calibration mean",
     "down_proj input 8-bit",
     "percdamp=0.01",
     "/data/c4.parquet",
@@ -82,6 +83,7 @@ def make_report(validation: bool = True) -> dict:
                     "clip_ratio": 0.9,
                     "down_proj_bits": 8,
                     "kv_bits": 16,
+                    "shift": True,
                 },
                 "rotation": {"enabled": True, "r1": True, "r2": True, "r4": True, "r3": True, "seed": 0},
                 "gptq": {"percdamp": 0.01, "block_size": 128},

@@ -110,8 +110,9 @@ def count_calibrated_blocks(monkeypatch) -> list[int]:
         (["--format", "qdq", "--method", "boa"], "sigterm"),
         (["--format", "ort", "--method", "gptq"], "ctrl-c"),
         (["--format", "qdq", "--method", "oac", "--avg-bits", "3.5"], "sigterm"),
+        (["--scheme", "w4a4", "--act-shift", "--format", "ort", "--method", "rtn"], "sigterm"),
     ],
-    ids=["qdq-boa-sigterm", "ort-gptq-ctrl-c", "qdq-aptq-oac-sigterm"],
+    ids=["qdq-boa-sigterm", "ort-gptq-ctrl-c", "qdq-aptq-oac-sigterm", "ort-w4a4-shift-sigterm"],
 )
 def test_resume_after_a_kill_gives_the_uninterrupted_bytes(
     capsys, text_data_dir, model_dir, tmp_path, monkeypatch, options, how
