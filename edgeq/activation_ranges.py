@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeq.activations import fake_quant_per_token
+from edgeq.activations import QuantInputLinear, fake_quant_per_token
 from edgeq.config import ActQuantConfig
 from edgeq.models.adapters import INPUT_GROUPS, Adapter
 from edgeq.quant.block import block_forward, to_device
@@ -70,6 +70,23 @@ def _sample_rows(rows: list[torch.Tensor], count: int) -> torch.Tensor:
     return x[torch.linspace(0, x.shape[0] - 1, count).long()]
 
 
+def _first_windows(
+    hidden: list[torch.Tensor], kwargs: list[dict], windows: int
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """The batches (hidden [b, L, d] and kwargs) that hold the first ``windows`` windows."""
+    count, used = 0, 0
+    for h in hidden:
+        if count >= windows:
+            break
+        count, used = count + h.shape[0], used + 1
+    return hidden[:used], kwargs[:used]
+
+
+def _input_quantizers(adapter: Adapter, block: nn.Module) -> dict[str, QuantInputLinear]:
+    """Every linear's QuantInputLinear in ``block``, by role."""
+    return {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
+
+
 @torch.no_grad()
 def search_block_clip_ratios(
     adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], act: ActQuantConfig,
@@ -80,13 +97,8 @@ def search_block_clip_ratios(
     [b, L, d], with the block's ``kwargs`` per batch). Leaves the block's activation quantizers set
     to the ratios found; the weights must still be float. Only the batches holding the first
     ``windows`` windows are run."""
-    count, used = 0, 0
-    for h in hidden:
-        if count >= windows:
-            break
-        count, used = count + h.shape[0], used + 1
-    hidden, kwargs = hidden[:used], kwargs[:used]
-    quantizers = {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
+    hidden, kwargs = _first_windows(hidden, kwargs, windows)
+    quantizers = _input_quantizers(adapter, block)
     for module in quantizers.values():
         module.quantize_input = False
     ratios: dict[str, float] = {}
@@ -129,7 +141,7 @@ def fit_block_shifts(
     share one): its per-channel mean [d] over the batches of ``hidden`` (per batch [b, L, d], with the
     block's ``kwargs`` per batch) that hold the first ``windows`` windows, computed with the block's
     activation quantizers off, and set on the linears (``QuantInputLinear.shift``)."""
-    quantizers = {role: adapter.input_quantizer(block, role) for group in INPUT_GROUPS for role in group}
+    quantizers = _input_quantizers(adapter, block)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -144,15 +156,11 @@ def fit_block_shifts(
 
     handles = [quantizers[g[0]].linear.register_forward_pre_hook(accumulate(g[0])) for g in INPUT_GROUPS]
     saved = {role: module.quantize_input for role, module in quantizers.items()}
-    seen = 0
     try:
         for module in quantizers.values():
             module.quantize_input = False
-        for h, kw in zip(hidden, kwargs, strict=True):
-            if seen >= windows:
-                break
+        for h, kw in zip(*_first_windows(hidden, kwargs, windows), strict=True):
             block_forward(adapter, block, to_device(h, device, torch.float32), to_device(kw, device))
-            seen += h.shape[0]
     finally:
         for handle in handles:
             handle.remove()
@@ -170,7 +178,5 @@ def fit_block_shifts(
 def reserve_shifts(adapter: Adapter, block: nn.Module) -> None:
     """Zero shifts on every quantized linear input of ``block``, for a recorded block's state to be
     copied into (``edgeq.resume.restore_block``)."""
-    for group in INPUT_GROUPS:
-        for role in group:
-            module = adapter.input_quantizer(block, role)
-            module.shift = torch.zeros(module.linear.in_features, device=module.linear.weight.device)
+    for module in _input_quantizers(adapter, block).values():
+        module.shift = torch.zeros(module.linear.in_features, device=module.linear.weight.device)
