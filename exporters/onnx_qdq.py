@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -376,12 +377,17 @@ def _merge_once(graph: onnx.GraphProto, kept_names: set[str]) -> int:
         return 0
     for node in kept:  # a graph out of topological order may read a name before it was merged
         node.input[:] = [renamed.get(name, name) for name in node.input]
-    stale = [vi for vi in graph.value_info if vi.name in renamed]
-    for vi in stale:
-        graph.value_info.remove(vi)
+    _drop_value_info(graph, renamed)
     del graph.node[:]
     graph.node.extend(kept)
     return len(removed)
+
+
+def _drop_value_info(graph: onnx.GraphProto, names: Container[str]) -> None:
+    """Remove the value_info of tensors no node makes any more (``names``: renamed away)."""
+    stale = [vi for vi in graph.value_info if vi.name in names]
+    for vi in stale:
+        graph.value_info.remove(vi)
 
 
 # initializers up to this size are compared by value (activation shifts, a few KiB); weights are not
@@ -396,12 +402,9 @@ def _alias_copies(graph: onnx.GraphProto, kept_names: set[str]) -> int:
     Identity nodes of the first; once they are one name, the Sub nodes reading them merge as the
     rest of the chain does. ``kept_names`` (graph inputs and outputs, names that a subgraph reads)
     keep their producers. Returns how many Identity nodes were removed."""
-    alias: dict[str, str] = {}
     identities = [n for n in graph.node if n.op_type == "Identity" and n.domain in ("", "ai.onnx")
                   and n.output[0] not in kept_names]  # fmt: skip
-    for node in identities:
-        alias[node.output[0]] = node.input[0]
-        graph.node.remove(node)
+    alias = {node.output[0]: node.input[0] for node in identities}
     first: dict[tuple, str] = {}
     for init in graph.initializer:
         if init.data_location == TensorProto.EXTERNAL or init.name in kept_names:
@@ -421,10 +424,12 @@ def _alias_copies(graph: onnx.GraphProto, kept_names: set[str]) -> int:
             name = alias[name]
         return name
 
-    for node in graph.node:
+    nodes = [node for node in graph.node if node.op_type != "Identity" or node.output[0] not in alias]
+    for node in nodes:
         node.input[:] = [resolve(name) for name in node.input]
-    for vi in [vi for vi in graph.value_info if vi.name in alias]:
-        graph.value_info.remove(vi)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_value_info(graph, alias)
     kept = [init for init in graph.initializer if init.name not in alias]
     del graph.initializer[:]
     graph.initializer.extend(kept)
