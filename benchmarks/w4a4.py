@@ -62,6 +62,7 @@ class Row:
     learned: bool = False
     objective_weights: str | None = None  # learned: the weights in the objective (None = the default)
     activations: dict = field(default_factory=dict)  # ActQuantConfig overrides
+    weights: dict = field(default_factory=dict)  # WeightQuantConfig overrides
 
     def config(self, steps: int, samples: int, lr: float) -> QuantConfig:
         quant = scheme_preset(self.scheme)
@@ -70,7 +71,10 @@ class Row:
         rotation = dataclasses.replace(quant.rotation, enabled=self.rotate, kind=kind, steps=steps,
                                        samples=samples, lr=lr, objective_weights=objective)  # fmt: skip
         act = dataclasses.replace(quant.activations, **self.activations)
-        return dataclasses.replace(quant, method=self.method, rotation=rotation, activations=act)
+        weights = dataclasses.replace(quant.weights, **self.weights)
+        return dataclasses.replace(
+            quant, method=self.method, rotation=rotation, activations=act, weights=weights
+        )
 
 
 # RTN rows and activation ablations of earlier runs are in this file's git history (2026-11-23,
@@ -78,22 +82,28 @@ class Row:
 ROWS = (
     Row("rotation + GPTQ", "w4a4", "gptq", SEEDS),
     Row(PRESET_LABEL, "w4a4", "boa", SEEDS),
+    # what the preset's activation shift buys (``edgeq.activation_ranges``)
+    Row("rotation + BoA, no shift", "w4a4", "boa", activations={"shift": False}),
+    # and its asymmetric weight grids (symmetric ones: what an NPU without weight zero points takes)
+    Row("rotation + BoA, symmetric weights", "w4a4", "boa", weights={"symmetric": True}),
     # float weights in the objective: SpinQuant's recipe when GPTQ rounds the weights afterwards
     Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS[:1], learned=True, objective_weights="float"),
     # RTN rounds afterwards what the objective rounded: SpinQuant's RTN setting
     Row("rotation + RTN", "w4a4", "rtn"),
     Row("learned rotation + RTN", "w4a4", "rtn", learned=True, objective_weights="rtn"),
     Row("w4a4-down8 (down_proj input A8) + GPTQ", "w4a4-down8", "gptq"),
+    Row("w4a4-down8 (down_proj input A8) + BoA", "w4a4-down8", "boa"),  # the preset's method
     Row("w4a8 + GPTQ", "w4a8", "gptq"),
-    Row("w4a8 + BoA", "w4a8", "boa"),  # the preset's method
+    Row("w4a8 + BoA", "w4a8", "boa"),
     Row("w4a4 + KV4 + GPTQ", "w4a4", "gptq", activations={"kv_bits": 4}),
+    Row("w4a4 + KV4 + BoA", "w4a4", "boa", activations={"kv_bits": 4}),
 )
-# must-shows: row label → the largest perplexity / FP allowed
+# must-shows, on the presets' method: row label → the largest perplexity / FP allowed
 LIMITS = {
     PRESET_LABEL: 1.5,
-    "w4a4-down8 (down_proj input A8) + GPTQ": 1.35,
+    "w4a4-down8 (down_proj input A8) + BoA": 1.35,
     "w4a8 + BoA": 1.15,
-    "w4a4 + KV4 + GPTQ": 1.6,
+    "w4a4 + KV4 + BoA": 1.6,
 }
 # learned rotations against the Hadamard ones, with the same weight method: (learned, Hadamard)
 LEARNED_PAIRS = (("learned rotation + GPTQ", "rotation + GPTQ"), ("learned rotation + RTN", "rotation + RTN"))
@@ -241,8 +251,9 @@ def markdown(results: dict) -> str:
         f"Model `{results['model']}`, FP perplexity **{fp:.2f}**. Calibration: {s['calib_samples']} × "
         f"{s['calib_seq_len']} tokens of C4; evaluation: WikiText-2 test, {results['eval_windows']} windows "
         f"of {s['eval_seq_len']} tokens, no BOS; PyTorch fake-quant; {results['machine']['cpus']} CPU "
-        f"threads. `w4a4`: per-channel symmetric int4 weights, per-token asymmetric int4 activations "
-        f"with each input's clip ratio searched, on every block linear's input; KV cache float; lm_head "
+        f"threads. `w4a4`: per-channel asymmetric int4 weights, per-token asymmetric int4 activations "
+        f"on every block linear's input, each shifted by its calibration mean and its clip ratio "
+        f"searched; KV cache float; lm_head "
         f"int8. Rotations: {rotation}. Rows with ± ran with calibration seeds "
         f"{', '.join(map(str, SEEDS))} (mean ± standard deviation); the "
         f"others with seed 0. Learned "

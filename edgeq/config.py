@@ -387,12 +387,13 @@ SCHEMES: dict[str, QuantConfig] = {
     "w3a16": QuantConfig(
         scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False), lm_head_bits=8
     ),
-    # QuaRot-style W4A4: rotations on, per-channel symmetric int4 weights, per-token asymmetric int4
-    # activations (KV cache in float), each input's clip ratio searched (benchmarks/w4a4.py).
+    # QuaRot-style W4A4: rotations on, per-channel asymmetric int4 weights (an integer kernel pays one
+    # zero-point term per token for them), per-token asymmetric int4 activations (KV cache in float),
+    # each input shifted by its calibration mean and its clip ratio searched (benchmarks/w4a4.py).
     "w4a4": QuantConfig(
         scheme="w4a4",
-        weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
-        activations=ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9, clip_search=True),
+        weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=False),
+        activations=ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9, clip_search=True, shift=True),
         rotation=RotationConfig(enabled=True),
         lm_head_bits=8,
     ),

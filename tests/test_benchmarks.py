@@ -94,6 +94,8 @@ W4A4_RESULTS = {
         _w4a4_row("learned rotation + RTN", 30.0, learning=100.0, objective="rtn"),
         _w4a4_row("w4a8 + GPTQ", 12.0),
         _w4a4_row("w4a8 + BoA", 11.0),
+        _w4a4_row("w4a4 + KV4 + GPTQ", 17.0),
+        _w4a4_row("w4a4 + KV4 + BoA", 16.5),
     ],
     "fused": {
         "graph": "fused",
@@ -118,6 +120,8 @@ def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     assert "| w4a8 + BoA | 11.00 | 1.10 | ≤ 1.15 × ✓ |" in table
     assert "| w4a8 + GPTQ | 12.00 | 1.20 |  |" in table  # the limit is the preset's (BoA's)
     assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
+    assert "| w4a4 + KV4 + BoA | 16.50 | 1.65 | ≤ 1.6 × ✗ |" in table
+    assert "| w4a4 + KV4 + GPTQ | 17.00 | 1.70 |  |" in table
     # (16 − 14.5) / (16 − 10) with GPTQ, (50 − 30) / (50 − 10) with RTN
     assert "close 25 % of the randomized Hadamard's gap to FP (GPTQ weights, float weights" in table
     assert "seeds 0: 14.50 against 16.00" in table and "120 s of learning per run" in table
