@@ -18,12 +18,17 @@ directly from the adapter with ORT's contrib operators, as ORT's own model build
 {A}: per-token fake quantization of the linear's input where its QuantInputLinear quantizes it
 (W4A4), once per input: q/k/v share one, gate/up one, o_proj and down_proj have their own. Symmetric:
 Abs → ReduceMax → Mul(clip / qmax) = scale → QuantizeLinear(int4 | int8) → DequantizeLinear, one
-block over the last axis (asymmetric: the range, scale and zero point from ReduceMax / ReduceMin;
-``_fake_quant_per_token``). In float32; a float16 graph casts there and back.
+block over the last axis (asymmetric: the range and scale from ReduceMax / ReduceMin, the zero
+point by one more QuantizeLinear, 11 ops; ``_fake_quant_per_token``). In float32; a float16 graph
+casts there and back.
 {R4}: the online Hadamard on down_proj's input: Reshape into a [.., k_1, k_2] view, one MatMul per
 regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
-``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4).
-With shifts (``ActQuantConfig.shift``), each quantized input is Sub(shift) → {A} → Add(shift): 8 more.
+``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4; the presets'
+asymmetric A4: 4 × 11 + 4 = 48).
+With shifts (``ActQuantConfig.shift``), each quantized input is Sub(shift) → {A}, 4 more, and the
+linears reading it add W·shift to their bias (``_folded_bias``): an Add after the matmul, which ORT
+fuses into MatMulNBits at load, so the matmul reads the grid's values rather than values off the
+grid, which its level-4 int8 input quantization would round again.
 
 [...]: Gemma3 only. Its embedding is scaled at the Gather output (the table stays the one a tied
 lm_head reads); its post-attention and post-feedforward norms (``adapter.branch_norms``) norm the
@@ -355,7 +360,9 @@ def _fake_quant_per_token(g: _Graph, x: str, name: str, grid: InputGrid, width: 
 
     Symmetric: scale = max|x| · (clip / qmax), as torch computes it (5 ops). Asymmetric: hi =
     max(x, 0) · clip, −lo = min(x, 0) · (−clip) (an exact negation), scale = (hi + (−lo)) / qmax and
-    zero point round(−lo / scale), each rounded as torch rounds it (13 ops).
+    zero point round(−lo / scale), each rounded as torch rounds it (11 ops: the zero point is a
+    QuantizeLinear of −lo by the scale, one kernel for torch's division and round half to even, its
+    saturation a no-op as −lo / scale lies in [0, qmax]).
 
     torch guards the division with Where(scale > 0, scale, 1); the graph needs no guard: scale is 0
     only on a row of zeros, where x / 0 saturates to some integer code (or the zero point is some
@@ -380,7 +387,8 @@ def _fake_quant_per_token(g: _Graph, x: str, name: str, grid: InputGrid, width: 
         neg_lo = g.op("Mul", [g.op("Min", [g.op("ReduceMin", [x, axes], keepdims=1), zero]), neg_clip])
         levels = g.constant(f"{name}.qmax", np.array(float(qmax), np.float32), exact=True)
         scale = g.op("Div", [g.op("Add", [hi, neg_lo]), levels])
-        zero_point = [g.op("Cast", [g.op("Round", [g.op("Div", [neg_lo, scale])])], to=code)]
+        # round(−lo / scale) in one kernel: −lo / scale lies in [0, qmax], so the saturation is a no-op
+        zero_point = [g.op("QuantizeLinear", [neg_lo, scale], output_dtype=code, axis=-1, block_size=1)]
     q = g.op("QuantizeLinear", [x, scale, *zero_point], output_dtype=code, **attrs)
     return g.op("DequantizeLinear", [q, scale, *zero_point], **attrs)
 
@@ -390,7 +398,12 @@ def _linear_input(
 ) -> str:
     """What a QuantInputLinear does to its input x [b, s, width] before the linear: the online
     rotation, then per-token fake quantization, both in float32 (a float16 graph casts there and
-    back, as ``fake_quant_per_token`` computes in float32); x itself where neither applies."""
+    back, as ``fake_quant_per_token`` computes in float32); x itself where neither applies.
+
+    With a shift μ it returns Q(x − μ) without adding μ back: the linear adds W·μ to its bias
+    instead (``_linear``), so that MatMulNBits reads the grid's values themselves. Added back in
+    front of the matmul, μ's large entries (SmolLM2's shared direction) would set the scale of
+    MatMulNBits' own int8 input quantization at accuracy level 4 and round the small ones away."""
     if rotation is None and grid is None:
         return x
     half = g.float_type != np.float32 and grid is not None
@@ -398,10 +411,9 @@ def _linear_input(
         x = g.op("Cast", [x], to=TensorProto.FLOAT)
     if rotation is not None:
         x = _kronecker_rotation(g, x, f"{name}.rotation", rotation, width, exact=half)
-    if grid is not None and grid.shift is not None:  # Q(x − shift) + shift, in float32
+    if grid is not None and grid.shift is not None:  # Q(x − shift); the linear adds W·shift back
         shift = g.constant(f"{name}.act.shift", np.array(grid.shift, np.float32), exact=True)
-        quantized = _fake_quant_per_token(g, g.op("Sub", [x, shift]), f"{name}.act", grid, width)
-        x = g.op("Add", [quantized, shift])
+        x = _fake_quant_per_token(g, g.op("Sub", [x, shift]), f"{name}.act", grid, width)
     elif grid is not None:
         x = _fake_quant_per_token(g, x, f"{name}.act", grid, width)
     if half:
@@ -432,9 +444,33 @@ def _dequantized(g: _Graph, name: str, qweight: QuantizedWeight, transposed: boo
     return dq.output[0]
 
 
-def _linear(g: _Graph, x: str, name: str, modules: list[torch.nn.Linear], qweights: list) -> str:
-    """One matmul for linears sharing the input x, their outputs concatenated (q/k/v), plus bias.
-    Linears on different grids (mixed precision) get one matmul each, their outputs concatenated."""
+def _folded_bias(
+    modules: list[torch.nn.Linear], qweights: list, shift: tuple[float, ...] | None
+) -> np.ndarray | None:
+    """The bias [Σ out] of linears reading one input whose shift μ [in] the input quantizer took
+    out: W(Q(x − μ) + μ) + b = W·Q(x − μ) + (W·μ + b), with W as the graph holds it (the
+    dequantized integer weight, or the float one) and W·μ summed in float64. None where there is
+    neither a bias nor a shift."""
+    if shift is None and all(m.bias is None for m in modules):
+        return None
+    parts = []
+    for module, qweight in zip(modules, qweights, strict=True):
+        bias = np.zeros(module.out_features) if module.bias is None else module.bias.detach().double().numpy()
+        if shift is not None:
+            weight = module.weight if qweight is None else qweight.dequantize()
+            bias = bias + weight.detach().double().numpy() @ np.asarray(shift, np.float64)
+        parts.append(bias)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _linear(
+    g: _Graph, x: str, name: str, modules: list[torch.nn.Linear], qweights: list,
+    shift: tuple[float, ...] | None = None,
+) -> str:  # fmt: skip
+    """One matmul for linears sharing the input x, their outputs concatenated (q/k/v), plus bias
+    (with W·shift folded in where x is Q(x − shift), ``_folded_bias``; ORT fuses the Add into
+    MatMulNBits when it loads the graph). Linears on different grids (mixed precision) get one
+    matmul each, their outputs concatenated."""
     if all(q is not None for q in qweights) and len({q.grid for q in qweights}) > 1:
         parts = [g.op("MatMul", [x, _dequantized(g, f"{name}.{i}.weight", q)])
                  for i, q in enumerate(qweights)]  # fmt: skip
@@ -443,9 +479,9 @@ def _linear(g: _Graph, x: str, name: str, modules: list[torch.nn.Linear], qweigh
         out = g.op("MatMul", [x, _dequantized(g, f"{name}.weight", concat_rows(qweights))])
     else:  # float weights (an unquantized model, or roles left in float)
         out = _float_matmul(g, x, name, torch.cat([m.weight for m in modules]))
-    if any(m.bias is not None for m in modules):
-        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
-        out = g.op("Add", [out, g.constant(f"{name}.bias", bias.detach().float().numpy())])
+    bias = _folded_bias(modules, qweights, shift)
+    if bias is not None:
+        out = g.op("Add", [out, g.constant(f"{name}.bias", bias)])
     return out
 
 
@@ -707,8 +743,10 @@ class FusedDecoderWriter:
 
         wrappers = {role: adapter.wrapped_input(block, role) for role in linears}
         qkv_roles = ("q", "k", "v")
-        x = self._shared_input(x, f"{prefix}.qkv", {r: wrappers[r] for r in qkv_roles}, linears["q"])
-        qkv = _linear(g, x, f"{prefix}.qkv", [linears[r] for r in qkv_roles], [qw[r] for r in qkv_roles])
+        x, shift = self._shared_input(x, f"{prefix}.qkv", {r: wrappers[r] for r in qkv_roles}, linears["q"])
+        qkv = _linear(
+            g, x, f"{prefix}.qkv", [linears[r] for r in qkv_roles], [qw[r] for r in qkv_roles], shift
+        )
         attention = adapter.attention(block)
         qk_norms = adapter.qk_norm_modules(block)
         if qk_norms is None:  # GroupQueryAttention takes the packed q/k/v as its query
@@ -739,8 +777,8 @@ class FusedDecoderWriter:
             num_heads=shape.num_heads, kv_num_heads=kv_heads, scale=float(attention.scaling),
             do_rotary=1, rotary_interleaved=0, **local,
         )  # fmt: skip
-        attn = self._own_input(attn, f"{prefix}.o", wrappers["o"], linears["o"])
-        attn_out = _linear(g, attn, f"{prefix}.o", [linears["o"]], [qw["o"]])
+        attn, shift = self._own_input(attn, f"{prefix}.o", wrappers["o"], linears["o"])
+        attn_out = _linear(g, attn, f"{prefix}.o", [linears["o"]], [qw["o"]], shift)
         if attn_branch_norm:  # Gemma3: the branch is normed before the Skip norm adds it
             gamma, eps = _gamma(
                 g, f"{prefix}.{attn_branch_norm}.weight", norms[attn_branch_norm], adapter.norm_offset
@@ -751,15 +789,15 @@ class FusedDecoderWriter:
             g, f"{prefix}.{adapter.mlp_norm}.weight", norms[adapter.mlp_norm], adapter.norm_offset
         )
         x, self.residual = _skip_norm(g, attn_out, self.residual, gamma, eps)
-        x = self._shared_input(
+        x, shift = self._shared_input(
             x, f"{prefix}.gate_up", {r: wrappers[r] for r in ("gate", "up")}, linears["up"]
         )
-        gate = _linear(g, x, f"{prefix}.gate", [linears["gate"]], [qw["gate"]])
-        up = _linear(g, x, f"{prefix}.up", [linears["up"]], [qw["up"]])
+        gate = _linear(g, x, f"{prefix}.gate", [linears["gate"]], [qw["gate"]], shift)
+        up = _linear(g, x, f"{prefix}.up", [linears["up"]], [qw["up"]], shift)
         activation = MLP_ACTIVATIONS[getattr(config, adapter.activation_key)]
         act = g.op("Mul", [activation(g, gate), up])
-        act = self._own_input(act, f"{prefix}.down", wrappers["down"], linears["down"])
-        self.pending = _linear(g, act, f"{prefix}.down", [linears["down"]], [qw["down"]])
+        act, shift = self._own_input(act, f"{prefix}.down", wrappers["down"], linears["down"])
+        self.pending = _linear(g, act, f"{prefix}.down", [linears["down"]], [qw["down"]], shift)
         if mlp_branch_norm:
             gamma, eps = _gamma(
                 g, f"{prefix}.{mlp_branch_norm}.weight", norms[mlp_branch_norm], adapter.norm_offset
@@ -770,16 +808,24 @@ class FusedDecoderWriter:
 
     def _shared_input(
         self, x: str, name: str, wrappers: dict[str, QuantInputLinear | None], linear: torch.nn.Linear
-    ) -> str:
-        """x as the linears of ``wrappers`` (reading it together) see it: quantized once."""
-        return _linear_input(self.g, x, name, None, shared_input_grid(wrappers), linear.in_features)
+    ) -> tuple[str, tuple[float, ...] | None]:
+        """x as the linears of ``wrappers`` (reading it together) see it, quantized once, and the
+        shift their grid took out (None without one), which ``_linear`` folds into their bias."""
+        grid = shared_input_grid(wrappers)
+        x = _linear_input(self.g, x, name, None, grid, linear.in_features)
+        return x, None if grid is None else grid.shift
 
-    def _own_input(self, x: str, name: str, wrapper: QuantInputLinear | None, linear: torch.nn.Linear) -> str:
-        """x as one linear sees it: its online rotation (R4 on down_proj), then its grid."""
+    def _own_input(
+        self, x: str, name: str, wrapper: QuantInputLinear | None, linear: torch.nn.Linear
+    ) -> tuple[str, tuple[float, ...] | None]:
+        """x as one linear sees it: its online rotation (R4 on down_proj), then its grid; and the
+        grid's shift, as ``_shared_input``."""
         rotation = wrapper.rotation if wrapper is not None else None
         if rotation is not None and not isinstance(rotation, OnlineRotation):
             raise ValueError(f"{name}: the fused graph writes factored OnlineRotations only, got {rotation}")
-        return _linear_input(self.g, x, name, rotation, input_grid(wrapper), linear.in_features)
+        grid = input_grid(wrapper)
+        x = _linear_input(self.g, x, name, rotation, grid, linear.in_features)
+        return x, None if grid is None else grid.shift
 
     def finish(self, weights: dict[str, QuantizedWeight]) -> OnnxExportInfo:
         """The final norm and lm_head (``weights`` holds its integer weight by path, if quantized),

@@ -90,6 +90,7 @@ W4A4_RESULTS = {
         _w4a4_row("rotation + GPTQ", 16.0, 0.5),
         _w4a4_row("rotation + BoA", 14.0, 0.25),
         _w4a4_row("learned rotation + GPTQ", 14.5, 0.5, learning=120.0),
+        _w4a4_row("learned rotation + BoA", 13.0, learning=110.0),
         _w4a4_row("rotation + RTN", 50.0),
         _w4a4_row("learned rotation + RTN", 30.0, learning=100.0, objective="rtn"),
         _w4a4_row("w4a8 + GPTQ", 12.0),
@@ -125,6 +126,9 @@ def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     # (16 − 14.5) / (16 − 10) with GPTQ, (50 − 30) / (50 − 10) with RTN
     assert "close 25 % of the randomized Hadamard's gap to FP (GPTQ weights, float weights" in table
     assert "seeds 0: 14.50 against 16.00" in table and "120 s of learning per run" in table
+    # (14 − 13) / (14 − 10) with BoA, against the preset row's seed 0
+    assert "close 25 % of the randomized Hadamard's gap to FP (BoA weights, float weights" in table
+    assert "seeds 0: 13.00 against 14.00" in table and "110 s of learning per run" in table
     assert "close 50 % of the randomized Hadamard's gap to FP (RTN weights, rtn weights" in table
     assert "30.00 against 50.00" in table and "100 s of learning per run" in table
     # 1000/95 − 1000/100 ms for 1700 nodes
@@ -234,6 +238,32 @@ def test_compare_rows_select_by_key_or_label_and_always_keep_fp32():
         "peer",
     ]
     assert len({r.key for r in compare.ROWS}) == len(compare.ROWS)
+
+
+def test_w4a4_counts_the_nodes_onnx_runtime_runs(tmp_path):
+    """A bias Add after MatMulNBits is fused into it when ONNX Runtime loads the graph: one node."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, block = 32, 8, 32
+    initializers = [
+        numpy_helper.from_array(np.zeros((n, k // block, block // 2), np.uint8), "B"),
+        numpy_helper.from_array(np.ones(n * k // block, np.float32), "scales"),
+        numpy_helper.from_array(np.ones(n, np.float32), "bias"),
+    ]
+    shape = {"K": k, "N": n, "bits": 4, "block_size": block}
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", **shape),
+        helper.make_node("Add", ["y", "bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, n])], initializers,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), tmp_path / "model.onnx")
+    assert benchmark_module("w4a4").runtime_nodes(tmp_path) == 1
 
 
 def test_compare_finds_the_lm_head_by_the_logits_output_not_by_name():

@@ -326,7 +326,7 @@ def test_w4a4_quantizes_each_shared_input_once(symmetric, fmt, dtype, shift, tmp
     input, the MLP input read by gate/up, down_proj's input), each DQ feeding all the linears that
     read the tensor: in the whole-model trace, the stitched qdq graph (float16 too: Casts in front)
     and the stitched ort graph, where every weight still became MatMulNBits. With shifts, one Sub
-    and one Add around each pair."""
+    and one Add around each pair (the fused graph folds the Add into the bias: test_ort_fused)."""
     from exporters import export_onnx
 
     model, result = _w4a4("llama", symmetric=symmetric, shift=shift)

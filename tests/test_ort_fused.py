@@ -333,33 +333,48 @@ def test_w4a4_fused_graph_computes_the_pytorch_fake_quant_logits(activations, tm
     _assert_fake_quant_parity(got, _logits(model, ids).numpy())
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_w4a4_fused_graph_quantizes_each_input_once(symmetric, tmp_path):
+@pytest.mark.parametrize(
+    ("symmetric", "shift"), [(True, False), (False, False), (False, True)], ids=["sym", "asym", "asym-shift"]
+)
+def test_w4a4_fused_graph_quantizes_each_input_once(symmetric, shift, tmp_path):
     """q/k/v read one quantized input and gate/up one: one quantizer each, plus o_proj's and
-    down_proj's own (after R4, two factor products and no dense 96 × 96 matrix)."""
-    model, result = _w4a4_llama(ActQuantConfig(bits=4, symmetric=symmetric, down_proj_bits=8))
+    down_proj's own (after R4, two factor products and no dense 96 × 96 matrix). With shifts, a
+    Sub in front of each quantizer and W·shift in the bias after each matmul, so that MatMulNBits
+    still reads the dequantized grid values."""
+    activations = ActQuantConfig(bits=4, symmetric=symmetric, down_proj_bits=8, shift=shift)
+    model, result = _w4a4_llama(activations)
     info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")
     graph = onnx.load(str(info.path)).graph
     ops = Counter(n.op_type for n in graph.node)
     layers = model.config.num_hidden_layers
-    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == ops["ReduceMax"] == 4 * layers
+    assert ops["DequantizeLinear"] == ops["ReduceMax"] == 4 * layers
+    # asymmetric: one more QuantizeLinear per input rounds its zero point
+    assert ops["QuantizeLinear"] == (4 if symmetric else 8) * layers
     assert ops["Abs"] == (4 * layers if symmetric else 0)
-    assert ops["Round"] == (0 if symmetric else 4 * layers)  # asymmetric: the zero points
-    assert ops["Where"] == ops["Clip"] == 0
+    assert ops["Where"] == ops["Clip"] == ops["Round"] == 0
     assert ops["MatMul"] == 2 * layers and ops["MatMulNBits"] == 5 * layers + 1  # + int8 lm_head
     assert ops["Reshape"] == 2 * layers  # R4: into the [.., 12, 8] view and back
     width = model.config.intermediate_size
     assert not any(tuple(i.dims) == (width, width) for i in graph.initializer)
     # 4-bit codes everywhere but down_proj's input (8 bits); symmetric: int, asymmetric: uint
-    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    producer = {out: n for n in graph.node for out in n.output}
+    dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    quantize = [producer[n.input[0]] for n in dequantize]
+    assert all(n.op_type == "QuantizeLinear" for n in quantize)
+    if not symmetric:  # the pair's zero point: a QuantizeLinear of −lo by the pair's own scale
+        for n in quantize:
+            zero_point = producer[n.input[2]]
+            assert zero_point.op_type == "QuantizeLinear" and zero_point.input[1] == n.input[1]
     codes = Counter({a.name: a.i for a in n.attribute}["output_dtype"] for n in quantize)
     four, eight = (onnx.TensorProto.INT4, onnx.TensorProto.INT8) if symmetric else (
         onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)  # fmt: skip
     assert codes == {four: 3 * layers, eight: layers}
     # every block MatMulNBits reads a dequantized activation
-    producer = {out: n for n in graph.node for out in n.output}
     blocks = [n for n in graph.node if n.op_type == "MatMulNBits" and "logits" not in n.output]
     assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in blocks)
+    assert all((producer[n.input[0]].op_type == "Sub") == shift for n in quantize)
+    added = {n.input[0] for n in graph.node if n.op_type == "Add"}  # the tiny Llama has no biases
+    assert all((n.output[0] in added) == shift for n in blocks)
 
 
 def test_w4a4_decode_with_the_cache_equals_a_prefill(tmp_path):

@@ -248,9 +248,12 @@ def test_w4a4_ort_format_export_reports_rotations_and_matches_pytorch(smollm2_w4
     assert report["onnx"]["graph"] == "fused"
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 5 * 30 + 1
     # every block linear's input is a per-token int4 QuantizeLinear → DequantizeLinear pair, one per
-    # tensor: q/k/v share theirs, as do gate/up (four per block)
+    # tensor: q/k/v share theirs, as do gate/up (four per block); the preset's asymmetric grid
+    # rounds each pair's zero point with one more QuantizeLinear
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert len(quantize) == 4 * 30
+    assert sum(n.output[0] in dequantized for n in quantize) == 4 * 30
+    assert len(quantize) == 8 * 30
     assert set(report["rotation"]["applied"]) == {"r1", "r2", "r4"}
     assert "r3" in report["rotation"]["skipped"]  # the KV cache stays float in the w4a4 preset
     assert abs(ppl["rotated_torch"] - ppl["fp_torch"]) / ppl["fp_torch"] < 1e-3
