@@ -29,6 +29,9 @@ the grid of X − μ.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -132,6 +135,40 @@ def search_block_clip_ratios(
     return ratios
 
 
+@contextlib.contextmanager
+def recorded_input_means(adapter: Adapter, block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, ``block``'s activation quantizers are off and every input it reads is summed;
+    on closing, the yielded dict gets each input's per-channel mean [d] over those tokens (float32,
+    by the first role of its ``INPUT_GROUPS`` group), taken after the online rotation, before the
+    grid: the value of its shift."""
+    quantizers = _input_quantizers(adapter, block)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(role: str):
+        def hook(_module, args) -> None:
+            rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[role] = sums.get(role, 0) + rows.sum(0)
+            counts[role] = counts.get(role, 0) + rows.shape[0]
+
+        return hook
+
+    # on the linear inside the wrapper: its input is after the online rotation, before the grid
+    handles = [quantizers[g[0]].linear.register_forward_pre_hook(accumulate(g[0])) for g in INPUT_GROUPS]
+    saved = {role: module.quantize_input for role, module in quantizers.items()}
+    means: dict[str, torch.Tensor] = {}
+    try:
+        for module in quantizers.values():
+            module.quantize_input = False
+        yield means
+    finally:
+        for handle in handles:
+            handle.remove()
+        for role, module in quantizers.items():
+            module.quantize_input = saved[role]
+    means.update({role: (total / counts[role]).float() for role, total in sums.items()})
+
+
 @torch.no_grad()
 def fit_block_shifts(
     adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
@@ -141,36 +178,22 @@ def fit_block_shifts(
     share one): its per-channel mean [d] over the batches of ``hidden`` (per batch [b, L, d], with the
     block's ``kwargs`` per batch) that hold the first ``windows`` windows, computed with the block's
     activation quantizers off, and set on the linears (``QuantInputLinear.shift``)."""
-    quantizers = _input_quantizers(adapter, block)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def accumulate(role: str):
-        def hook(_module, args) -> None:
-            # on the linear inside the wrapper: its input is after the online rotation, before the grid
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[role] = sums.get(role, 0) + rows.sum(0)
-            counts[role] = counts.get(role, 0) + rows.shape[0]
-
-        return hook
-
-    handles = [quantizers[g[0]].linear.register_forward_pre_hook(accumulate(g[0])) for g in INPUT_GROUPS]
-    saved = {role: module.quantize_input for role, module in quantizers.items()}
-    try:
-        for module in quantizers.values():
-            module.quantize_input = False
+    with recorded_input_means(adapter, block) as means:
         for h, kw in zip(*_first_windows(hidden, kwargs, windows), strict=True):
             block_forward(adapter, block, to_device(h, device, torch.float32), to_device(kw, device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for role, module in quantizers.items():
-            module.quantize_input = saved[role]
+    return set_block_shifts(adapter, block, means)
+
+
+def set_block_shifts(
+    adapter: Adapter, block: nn.Module, means: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Set each input group's shift (``means`` by the group's first role, [d]) on every linear of
+    the group; returns the shifts by role."""
+    quantizers = _input_quantizers(adapter, block)
     shifts = {}
     for group in INPUT_GROUPS:
-        mean = (sums[group[0]] / counts[group[0]]).float()
         for role in group:  # a tensor each: a block's recorded state (edgeq.resume) names every one
-            quantizers[role].shift = mean.clone()
+            quantizers[role].shift = means[group[0]].clone()
             shifts[role] = quantizers[role].shift
     return shifts
 

@@ -218,7 +218,7 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     )
     act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (32)")
     act.add_argument("--rotation-samples", type=int, help="learned rotations: calibration windows used (16)")
-    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (0.003)")
+    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (0.01)")
     act.add_argument(
         "--rotation-objective-weights",
         choices=ROTATION_OBJECTIVE_WEIGHTS,

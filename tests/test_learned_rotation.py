@@ -3,6 +3,7 @@ computes the rotated network; the learned plan is exact in float and lowers the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -10,9 +11,17 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
+from edgeq.activation_ranges import recorded_input_means
 from edgeq.config import ActQuantConfig, WeightQuantConfig, scheme_preset
-from edgeq.models.adapters import adapter_for
-from edgeq.rotation.learned import cayley, cayley_sgd_step, install_objective, learn_rotations
+from edgeq.models.adapters import INPUT_GROUPS, adapter_for
+from edgeq.rotation.learned import (
+    cayley,
+    cayley_sgd_step,
+    install_objective,
+    learn_rotations,
+    set_objective_shifts,
+    unrotated_input_means,
+)
 from edgeq.rotation.rotate import apply_plan, plan_rotations
 
 
@@ -81,6 +90,41 @@ def test_objective_weights_are_float_or_on_their_grid(objective_weights):
     weight = adapter.linears(adapter.blocks(model)[0])["q"].weight.detach()
     distinct = max(len(torch.unique(row)) for row in weight)
     assert (distinct <= 16) == (objective_weights == "rtn")
+
+
+def test_objective_shifts_follow_the_rotations():
+    """The shifts set for new R1 and R2 from the means measured under the old ones are the means of
+    the inputs the objective's model then reads (measured again, quantizers off)."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    quant = _w4a4()
+    assert quant.activations.shift
+    plan = plan_rotations(adapter, model.config, quant.rotation)
+    blocks = adapter.blocks(model)
+    r1 = torch.nn.Parameter(plan.r1.float())
+    r2 = [torch.nn.Parameter(plan.r2.float().clone()) for _ in blocks]
+    install_objective(model, adapter, quant, plan, r1, r2)
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    means = unrotated_input_means(model, adapter, windows, r1, r2)
+    with torch.no_grad():
+        r1.copy_(torch.linalg.qr(torch.randn(r1.shape, generator=gen))[0])
+        for r in r2:
+            r.copy_(torch.linalg.qr(torch.randn(r.shape, generator=gen))[0])
+    set_objective_shifts(adapter, blocks, means, r1, r2)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        measured = [stack.enter_context(recorded_input_means(adapter, block)) for block in blocks]
+        for ids in windows:
+            model(input_ids=ids[None], use_cache=False)
+    for block, block_means in zip(blocks, measured, strict=True):
+        for group in INPUT_GROUPS:
+            expected = block_means[group[0]]
+            for role in group:
+                shift = adapter.input_quantizer(block, role).shift
+                assert torch.allclose(shift, expected, atol=1e-4 * float(expected.abs().max()))
+    # the rotations moved the residual stream's and o_proj's means; down_proj's (after R4) stayed
+    start = means[0]["q"] @ plan.r1.float()
+    assert not torch.allclose(adapter.input_quantizer(blocks[0], "q").shift, start, atol=1e-3)
 
 
 def _confident_model():

@@ -13,16 +13,15 @@ weight grid and whose activations go through the per-token grid of the scheme (R
 Hadamard in place), on calibration windows. Round-to-nearest has no useful derivative, so both
 quantizers pass the gradient straight through (STE): ∂Q(x)/∂x = I.
 
-With ``RotationConfig.objective_weights = "rtn"`` Q_w is RTN, the setting for RTN weights: on
-SmolLM2 W4A4 (``benchmarks/w4a4.py``, 32 steps) RTN's perplexity fell from 239.5 with the Hadamard
-to 132.4, half of its gap to FP. GPTQ/BoA replace RTN's rounding afterwards, and a rotation fitted
-to RTN's errors did not help theirs (GPTQ: 54.2 against 49.6 with the Hadamard). So by default
-(``"float"``, SpinQuant's choice when GPTQ follows) Q_w is the identity and only the activations
-are quantized in the objective; with GPTQ that bought 49.32 against 49.62. The straight-through
-gradient of a per-token grid carries only where its rounding errors point, not how the token's
-range (which sets their size) moves with the rotation, and with float weights that is the whole
-signal; SpinQuant's own GPTQ gains came from 100 steps of 8 × 2048 tokens, ~400 × the tokens the
-default here sees on a CPU.
+With ``RotationConfig.objective_weights = "rtn"`` Q_w is RTN, the setting for RTN weights. GPTQ/BoA
+replace RTN's rounding afterwards, and a rotation fitted to RTN's errors did not help theirs (on
+SmolLM2 with an earlier W4A4 preset, GPTQ reached 54.2 against 49.6 with the Hadamard). So by
+default (``"float"``, SpinQuant's choice when GPTQ follows) Q_w is the identity and only the
+activations are quantized in the objective. The straight-through gradient of a per-token grid
+carries only where its rounding errors point, not how the token's range (which sets their size)
+moves with the rotation, and with float weights that is the whole signal; SpinQuant's own GPTQ
+gains came from 100 steps of 8 × 2048 tokens, ~400 × the tokens the default here sees on a CPU.
+What each setting buys on SmolLM2 is measured by ``benchmarks/w4a4.py``.
 
 Cayley SGD (Li, Li & Todorovic, ICLR 2020) keeps every iterate orthogonal. With G = ∂L/∂R, the
 skew-symmetric A = G Rᵀ − R Gᵀ gives the Riemannian gradient A·R (canonical metric); momentum M
@@ -35,6 +34,14 @@ the configured rate to 0 over the steps, so the last iterates settle despite the
 learned matrices are projected back to the nearest orthogonal ones in float64 (polar factor) and
 then fused exactly as the Hadamard ones: the exported graph does not change shape.
 
+Activation shifts (``ActQuantConfig.shift``): the objective quantizes Q(x − μ) + μ as the exported
+model does, with μ each input's float mean (``edgeq.activation_ranges``). A rotation moves the means
+with the inputs: R1 and R2 are exact in float, so an input x R has mean μ R. The means of the
+unrotated network are measured once, on the objective's windows before the first step, and each
+step's shifts are those means under the step's R1 and R2. (Through the STE the shift gets no
+gradient, ∂(Q(x − μ) + μ)/∂μ = −I + I = 0, but it decides where each token's rounding errors fall:
+without it the rotations were fitted to a grid the presets do not use.)
+
 Training runs on a float copy of the whole model in memory (the loss is end to end); KV cache
 quantization is left out of the objective. Learnable per-channel scales (OSTQuant/FlatQuant) are
 not implemented.
@@ -42,6 +49,7 @@ not implemented.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -51,6 +59,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from edgeq.activation_ranges import recorded_input_means, set_block_shifts
 from edgeq.config import QuantConfig
 from edgeq.models.adapters import ATTN_INPUT_ROLES, MLP_INPUT_ROLES, Adapter
 from edgeq.pipeline import quantize_block_activations
@@ -153,6 +162,49 @@ def install_objective(
     ]
 
 
+@torch.no_grad()
+def unrotated_input_means(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, r1: torch.Tensor | None,
+    r2: list[torch.Tensor],
+) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Each block's input means (``recorded_input_means``, by group) in the objective's model
+    (``install_objective``, rotated by r1 [d, d] and r2, one [hd, hd] per block or none) over
+    ``windows`` [N, L] in float, with the rotations taken back out: the means of the unrotated
+    network, which ``rotated_means`` turns into any rotation's."""
+    blocks = adapter.blocks(model)
+    with contextlib.ExitStack() as stack:
+        means = [stack.enter_context(recorded_input_means(adapter, block)) for block in blocks]
+        for ids in windows:
+            model(input_ids=ids[None], use_cache=False)
+    back = r1.T if r1 is not None else None
+    return [rotated_means(m, back, r2[i].T if r2 else None) for i, m in enumerate(means)]
+
+
+def rotated_means(
+    means: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """``means`` (by input group, as ``recorded_input_means`` gives them) of inputs rotated by
+    r1 [d, d] (the residual stream's readers: x ↦ x R1) and r2 [hd, hd] (o_proj's input, head by
+    head); down_proj's input (after R4, which is not learned) is unchanged."""
+    out = dict(means)
+    if r1 is not None:
+        for role in (ATTN_INPUT_ROLES[0], MLP_INPUT_ROLES[0]):
+            out[role] = means[role] @ r1
+    if r2 is not None:
+        out["o"] = (means["o"].reshape(-1, r2.shape[0]) @ r2).reshape(-1)
+    return out
+
+
+@torch.no_grad()
+def set_objective_shifts(
+    adapter: Adapter, blocks: list[nn.Module], means: list[dict[str, torch.Tensor]],
+    r1: torch.Tensor | None, r2: list[torch.Tensor],
+) -> None:  # fmt: skip
+    """Every block's shifts: its unrotated input ``means`` under the current r1 and its r2."""
+    for i, block in enumerate(blocks):
+        set_block_shifts(adapter, block, rotated_means(means[i], r1, r2[i] if r2 else None))
+
+
 def learn_rotations(
     model: nn.Module, adapter: Adapter, quant: QuantConfig, plan: RotationPlan, calibration_ids: torch.Tensor,
     progress: bool = True,
@@ -176,9 +228,13 @@ def learn_rotations(
     momenta = [torch.zeros_like(p) for p in learned]
     windows = calibration_ids[: max(1, config.samples), : config.seq_len]
     model.train(False)
+    blocks = adapter.blocks(model)
     try:
+        means = unrotated_input_means(model, adapter, windows, r1, r2) if quant.activations.shift else None
         bar = tqdm(range(config.steps), desc="learn rotations", unit="step", disable=not progress)
         for step in bar:
+            if means:  # the shifts move with this step's rotations
+                set_objective_shifts(adapter, blocks, means, r1, r2)
             ids = windows[step % windows.shape[0]][None]
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             grads = torch.autograd.grad(loss, learned)
