@@ -19,6 +19,7 @@ from edgeq.config import (
     CalibrationConfig,
     EvalConfig,
     ExportConfig,
+    RotationConfig,
     ValidationConfig,
     scheme_preset,
 )
@@ -216,9 +217,14 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
         help="hadamard: randomized Hadamard matrices; learned: R1/R2 optimized from them on the quantized "
         "model's loss (SpinQuant; the whole float model in memory). Implies --rotate",
     )
-    act.add_argument("--rotation-steps", type=int, help="learned rotations: Cayley SGD steps (32)")
-    act.add_argument("--rotation-samples", type=int, help="learned rotations: calibration windows used (16)")
-    act.add_argument("--rotation-lr", type=float, help="learned rotations: step size (0.01)")
+    learn = RotationConfig()  # the defaults' one home
+    act.add_argument(
+        "--rotation-steps", type=int, help=f"learned rotations: Cayley SGD steps ({learn.steps})"
+    )
+    act.add_argument(
+        "--rotation-samples", type=int, help=f"learned rotations: calibration windows used ({learn.samples})"
+    )
+    act.add_argument("--rotation-lr", type=float, help=f"learned rotations: step size ({learn.lr})")
     act.add_argument(
         "--rotation-objective-weights",
         choices=ROTATION_OBJECTIVE_WEIGHTS,
