@@ -205,6 +205,11 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
         "(default: the scheme's)",
     )  # fmt: skip
     act.add_argument(
+        "--act-compensate", action=argparse.BooleanOptionalAction, default=None,
+        help="fit each weight to its linear's output before the activation grid, so it compensates its "
+        "input's rounding (GPTQ and BoA; default: the scheme's)",
+    )  # fmt: skip
+    act.add_argument(
         "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
     )
     rot = act.add_mutually_exclusive_group()
@@ -362,6 +367,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         down_proj_bits=args.down_act_bits,
         kv_bits=args.kv_bits,
         shift=args.act_shift,
+        compensate_rounding=args.act_compensate,
     )
     method = args.method or quant.method
     # RTN rounds afterwards what an RTN objective rounded; the other methods choose their own integers

@@ -140,6 +140,13 @@ class MixedPrecisionConfig:
             raise EdgeqError(f"--avg-bits {self.avg_bits:g} is outside the bit choices' range {low}-{high}")
 
 
+# compensate_rounding's correction is a least-squares fit of in_features² coefficients per linear;
+# on fewer tokens per input channel it fits the calibration tokens' rounding noise (SmolLM2 w4a4
+# GPTQ on 4 × 256 tokens, 0.7-1.8 per channel: perplexity 57.5 without it, 92.5 with it; on 32 × 512,
+# 11-28 per channel, it gains: see ActQuantConfig below)
+COMPENSATION_MIN_TOKENS_PER_CHANNEL = 8
+
+
 @dataclass(frozen=True)
 class ActQuantConfig:
     """Per-token dynamic fake quantization of the input of every block linear (not lm_head).
@@ -156,6 +163,20 @@ class ActQuantConfig:
     shift: each quantized input loses its calibration mean before the grid and gets it back after,
     Q(x − μ) + μ (``edgeq.activation_ranges``: the mean direction every token shares takes no grid
     levels; two more ops per input in the graphs).
+    compensate_rounding: GPTQ and the BoA family fit each weight to what its linear computed before
+    the activation grid: the least-squares target W* = W + W D H⁻¹ on the rounded inputs Q(x), with
+    D = 2E[(x − Q(x)) Q(x)ᵀ] and H = 2E[Q(x) Q(x)ᵀ], is rounded in place of W
+    (``edgeq.quant.methods.corrected_weight``; RTN and OAC refuse it). Nothing changes in the
+    graph. It needs calibrate_quantized (otherwise x = Q(x) during calibration and D = 0) and
+    enough calibration tokens per input channel (COMPENSATION_MIN_TOKENS_PER_CHANNEL; with fewer it
+    fits their noise and is skipped); with BoA's FP stream (alpha > 0) the FP model's input is the
+    target instead. Off in the presets. SmolLM2 w4a4, 32 × 512 calibration tokens, seeds 0, 1, 2
+    (benchmarks/w4a4.py's rows and evaluation, 2026-12-07):
+      GPTQ               44.57 44.71 44.83 (mean 44.70) → 43.74 44.01 44.80 (44.18)
+      GPTQ, w4a4-down8   41.29 42.64 42.25 (42.06)      → 40.90 40.20 40.84 (40.65)
+      BoA                43.87 42.77 43.18 (43.27)      → 43.00 43.75 44.04 (43.60)
+      BoA, compensating only o_proj and the MLP (GPTQ's linears in BoA): 44.47 44.81 (seeds 0, 1).
+    GPTQ gains on every seed; BoA, the presets' method, does not, within seeds that spread by 1 to 2.
     """
 
     bits: int = 16
@@ -166,6 +187,7 @@ class ActQuantConfig:
     calibrate_quantized: bool = True
     clip_search: bool = False
     shift: bool = False
+    compensate_rounding: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -63,7 +63,7 @@ from edgeq.pipeline import (
 )
 from edgeq.quant import method_class
 from edgeq.quant.aptq import average_bits, linear_sizes, with_widths
-from edgeq.quant.methods import needs_output_hessians
+from edgeq.quant.methods import check_compensation, needs_output_hessians
 from edgeq.quant.oac import OutputHessianStore, collect_output_hessians
 from edgeq.report_md import write_report_md
 from edgeq.resume import Journal, fingerprint
@@ -145,6 +145,7 @@ def validate_inputs(config: ExportConfig) -> None:
     config.quant.rotation.validate()
     config.quant.mixed.validate()
     method_class(config.quant.method)
+    check_compensation(config.quant)
     if config.format not in FORMATS:
         raise EdgeqError(f"unknown format '{config.format}': choose one of {', '.join(FORMATS)}")
     check_form(config.qdq_form)

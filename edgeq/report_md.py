@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeq.config import COMPENSATION_MIN_TOKENS_PER_CHANNEL
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -345,6 +347,9 @@ def _activations_text(act: dict) -> str:
         text += f", clip ratio {act['clip_ratio']}"
     if act.get("shift"):
         text += ", each input shifted by its calibration mean"
+    if act.get("compensate_rounding") and act.get("calibrate_quantized", True):
+        tokens = COMPENSATION_MIN_TOKENS_PER_CHANNEL
+        text += f", the weights fitted to compensate its rounding (≥ {tokens} calibration tokens per channel)"
     if act.get("down_proj_bits") is not None:
         text += f"; down_proj input {act['down_proj_bits']}-bit"
     return text

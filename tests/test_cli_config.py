@@ -43,6 +43,8 @@ def test_w4a4_preset_and_its_overrides():
     assert quant.activations.shift  # the shift is on in the preset (benchmarks/w4a4.py)
     assert not _config("--scheme", "w4a4", "--no-act-shift").quant.activations.shift
     assert _config("--scheme", "w4a16", "--act-shift").quant.activations.shift
+    assert not quant.activations.compensate_rounding  # off in the preset (see ActQuantConfig)
+    assert _config("--scheme", "w4a4", "--act-compensate").quant.activations.compensate_rounding
     config = _config(
         "--scheme", "w4a4", "--act-symmetric", "--act-clip", "1.0", "--down-act-bits", "8",
         "--no-rotate", "--rotation-seed", "3", "--kv-bits", "4", "--format", "ort",

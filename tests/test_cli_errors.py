@@ -163,6 +163,7 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         (["--format", "tflite"], "unknown format 'tflite'"),
         (["--kv-bits", "2"], "KV cache bits must be"),
         (["--latency-runs", "0"], "--latency-runs and --decode-tokens must be at least 1"),
+        (["--scheme", "w4a4", "--method", "rtn", "--act-compensate"], "--act-compensate works with"),
     ],
     ids=[
         "scheme",
@@ -177,6 +178,7 @@ def test_hub_id_while_offline(capsys, out, text_data_dir, monkeypatch):
         "format",
         "kv-bits",
         "latency-runs",
+        "act-compensate-rtn",
     ],
 )
 def test_bad_quantization_option(capsys, out, text_data_dir, tiny_model_dir, args, expected):

@@ -7,15 +7,32 @@ import torch
 from conftest import tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from edgeq.config import BoAOptions, GPTQOptions, QuantConfig, WeightQuantConfig
+from edgeq.activations import fake_quant_per_token, float_activations
+from edgeq.config import (
+    COMPENSATION_MIN_TOKENS_PER_CHANNEL,
+    ActQuantConfig,
+    BoAOptions,
+    GPTQOptions,
+    QuantConfig,
+    WeightQuantConfig,
+    scheme_preset,
+)
 from edgeq.models.adapters import adapter_for
-from edgeq.pipeline import capture_block_inputs, quantize_model
+from edgeq.pipeline import capture_block_inputs, quantize_block_activations, quantize_model
 from edgeq.quant.block import BlockContext
 from edgeq.quant.boa import kronecker_loss, kronecker_quantize, rope_matrices
 from edgeq.quant.gptq import gptq_quantize, layer_loss
 from edgeq.quant.grid import rtn_quantize
 from edgeq.quant.hessian import HessianAccumulator
-from edgeq.quant.methods import OTHER_ROLES, collect_attention_statistics, corrected_weight
+from edgeq.quant.methods import (
+    GPTQ,
+    OTHER_ROLES,
+    collect_attention_statistics,
+    collect_input_hessians,
+    compensation_strength,
+    corrected_weight,
+)
+from edgeq.rotation.rotate import rotate_model
 
 CONFIGS = [
     WeightQuantConfig(bits=4, group_size=-1, symmetric=True),
@@ -228,6 +245,86 @@ def test_full_correction_is_the_least_squares_weight_for_the_fp_target():
     expected = torch.linalg.lstsq(x, x_fp @ w.T).solution.T
     torch.testing.assert_close(corrected, expected, rtol=1e-3, atol=1e-4)
     assert corrected_weight(w, acc, alpha=0.0, percdamp=0.01) is w
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_compensated_rounding_targets_each_linears_unrounded_input(model_type):
+    """compensate_rounding: each role's correction term is D = 2E[(x − Q(x)) Q(x)ᵀ], x the rotated
+    input before the grid (R4 on down_proj's), Q(x) what the linear reads, and its Hessian
+    2E[Q(x)Q(x)ᵀ] is unchanged; without it there is no correction term."""
+    model = tiny_model(model_type)
+    adapter = adapter_for(model)
+    rotate_model(model, adapter, scheme_preset("w4a4").rotation)
+    act = ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.8)
+    block = adapter.blocks(model)[0]
+    quantize_block_activations(model, adapter, block, act)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, batch_size=2)
+    ctx = BlockContext(0, block, adapter, model.config, inputs.hidden, [b[0] for b in inputs.kwargs])
+    roles = tuple(ctx.linears)
+    seen: dict[str, list] = {role: [] for role in roles}
+
+    def record(role):
+        def hook(wrapper, args):
+            x = args[0] if wrapper.rotation is None else wrapper.rotation(args[0])
+            x = x.reshape(-1, x.shape[-1])
+            seen[role].append((x, fake_quant_per_token(x, 4, False, 0.8)))
+
+        return hook
+
+    hooks = [adapter.wrapped_input(block, r).register_forward_pre_hook(record(r)) for r in roles]
+    try:
+        acc = collect_input_hessians(ctx, roles, own_targets=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert adapter.wrapped_input(block, "down").rotation is not None  # R4 is in the target
+    for role in roles:
+        x = torch.cat([x for x, _ in seen[role]])
+        q = torch.cat([q for _, q in seen[role]])
+        torch.testing.assert_close(acc[role].hessian, 2 * q.T @ q / len(q), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(acc[role].correction, 2 * (x - q).T @ q / len(q), rtol=1e-4, atol=1e-5)
+        assert acc[role].correction.abs().max() > 0
+    assert all(a.correction is None for a in collect_input_hessians(ctx, roles).values())
+    with float_activations(block):  # calibrate_quantized=False: x = Q(x), nothing to compensate
+        assert all(a.correction is None for a in collect_input_hessians(ctx, roles, True).values())
+
+
+def test_gptq_rounds_the_compensated_weight():
+    """With enough tokens (768 for the 96 inputs of down_proj), GPTQ with compensate_rounding rounds
+    corrected_weight(W) at α = 1 against the rounded inputs' Hessian, and so other integers than
+    without it."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    act = ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.8, compensate_rounding=True)
+    config = QuantConfig(method="gptq", weights=WeightQuantConfig(bits=4, group_size=16), activations=act)
+    block = adapter.blocks(model)[0]
+    quantize_block_activations(model, adapter, block, act)
+    ids = torch.randint(0, model.config.vocab_size, (4, 192), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, batch_size=2)
+    ctx = BlockContext(0, block, adapter, model.config, inputs.hidden, [b[0] for b in inputs.kwargs])
+    compensated = GPTQ(config).quantize_block(ctx)
+    acc = collect_input_hessians(ctx, tuple(ctx.linears), own_targets=True)
+    for role, linear in ctx.linears.items():
+        assert compensation_strength(acc[role]) == 1.0
+        target = corrected_weight(linear.weight.data, acc[role], 1.0, config.gptq.percdamp)
+        expected = gptq_quantize(target, acc[role].hessian, ctx.grid(config, role), config.gptq)
+        assert torch.equal(compensated[role].codes, expected.codes)
+    plain_act = ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.8)
+    uncompensated = GPTQ(QuantConfig(method="gptq", weights=config.weights, activations=plain_act))
+    plain = uncompensated.quantize_block(ctx)
+    assert any(not torch.equal(plain[r].codes, compensated[r].codes) for r in plain)
+
+
+def test_compensation_needs_enough_tokens_per_input_channel():
+    """Below COMPENSATION_MIN_TOKENS_PER_CHANNEL tokens per channel the correction would fit the tokens' own
+    rounding noise, so its strength is 0; from there on it is 1."""
+    acc = HessianAccumulator(10)
+    short = COMPENSATION_MIN_TOKENS_PER_CHANNEL * 10 - 1
+    acc.add(torch.randn(short, 10), torch.randn(short, 10))
+    assert compensation_strength(acc) == 0.0
+    acc.add(torch.randn(1, 10), torch.randn(1, 10))
+    assert compensation_strength(acc) == 1.0
 
 
 def test_fp_stream_follows_the_unquantized_model():

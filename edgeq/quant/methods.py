@@ -5,7 +5,9 @@
 
 RTN needs no data. GPTQ collects each linear's input Hessian. BoA also collects the attention
 statistics of its Q/K/V Hessians (see ``edgeq.quant.boa``) and, with ``alpha > 0``, corrects each
-weight for the error of the blocks quantized before it. OAC and BoA-OAC use output-adaptive
+weight for the error of the blocks quantized before it. With quantized activations and
+``ActQuantConfig.compensate_rounding``, GPTQ and BoA instead correct each weight for the rounding of
+its own input (``LinearInputs``, ``corrected_weight``). OAC and BoA-OAC use output-adaptive
 Hessians (``edgeq.quant.oac``), collected by backward passes before the blocks are quantized
 (``needs_output_hessians``) and handed to each block in ``ctx.output_hessians``. aespa learns the
 rounding of W_Q, W_K, W_V on BoA's loss (``edgeq.quant.aespa``) and uses OAC on the rest.
@@ -17,7 +19,7 @@ import dataclasses
 
 import torch
 
-from edgeq.config import BoAOptions, QuantConfig, WeightQuantConfig
+from edgeq.config import COMPENSATION_MIN_TOKENS_PER_CHANNEL, BoAOptions, QuantConfig, WeightQuantConfig
 from edgeq.errors import EdgeqError
 from edgeq.quant.aespa import learned_rounding
 from edgeq.quant.block import BlockContext, attention_inputs
@@ -32,6 +34,7 @@ class RTN:
 
     needs_fp_stream = False
     needs_output_hessians = False
+    compensates_rounding = False  # no data, no target to move
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -47,9 +50,13 @@ class LinearInputs:
     With an FP stream (ctx.fp_hidden), each batch runs first on the FP-stream hidden states — their
     inputs are remembered — and then on the quantized stream, whose inputs are accumulated together
     with their difference to the FP ones. ``last[role]`` is the latest quantized-stream input.
+
+    ``own_targets`` (``ActQuantConfig.compensate_rounding``), without an FP stream: the difference
+    is to the linear's own input before its activation grid (rotated, unrounded), so the correction
+    aims the weight at W x from Q(x) and compensates the rounding of the input it reads.
     """
 
-    def __init__(self, ctx: BlockContext, roles: tuple[str, ...]):
+    def __init__(self, ctx: BlockContext, roles: tuple[str, ...], own_targets: bool = False):
         self.ctx = ctx
         linears = ctx.linears
         self.acc = {
@@ -60,6 +67,11 @@ class LinearInputs:
         self._fp: dict[str, torch.Tensor] = {}
         self._fp_pass = False
         self._hooks = [linears[role].register_forward_hook(self._hook(role)) for role in roles]
+        if own_targets and ctx.fp_hidden is None:
+            for role in roles:
+                wrapper = ctx.adapter.wrapped_input(ctx.block, role)
+                if wrapper is not None and wrapper.quantize_input:
+                    self._hooks.append(wrapper.register_forward_pre_hook(self._pre_grid_hook(role)))
 
     def _hook(self, role: str):
         def hook(_module, args, _output) -> None:
@@ -69,6 +81,14 @@ class LinearInputs:
             else:
                 self.last[role] = x
                 self.acc[role].add(x, self._fp.get(role))
+
+        return hook
+
+    def _pre_grid_hook(self, role: str):
+        def hook(wrapper, args) -> None:
+            # what the grid rounds (the shift only moves the grid: Q(x − μ) + μ approximates x)
+            x = args[0].detach()
+            self._fp[role] = x if wrapper.rotation is None else wrapper.rotation(x)
 
         return hook
 
@@ -86,17 +106,26 @@ class LinearInputs:
 
 def corrected_weight(w: torch.Tensor, acc: HessianAccumulator, alpha: float, percdamp: float) -> torch.Tensor:
     """W + α · W D H⁻¹: the least-squares weight for the target W X_fp on the quantized-stream inputs
-    X (D = 2E[(x_fp − x) xᵀ], H = 2E[x xᵀ] dampened). α = 1 is the full correction."""
+    X (D = 2E[(x_fp − x) xᵀ], H = 2E[x xᵀ] dampened). α = 1 is the full correction. X_fp is the FP
+    stream's input (TurboBoA) or the linear's own input before its grid (``LinearInputs``)."""
     if alpha == 0 or acc.correction is None:
         return w
     h, _ = dampen(acc.hessian, percdamp)
     return w + alpha * torch.linalg.solve(h, (w @ acc.correction).T).T
 
 
+def compensation_strength(acc: HessianAccumulator) -> float:
+    """corrected_weight's α for compensate_rounding: 1 with enough calibration tokens, else 0."""
+    return 1.0 if acc.count >= COMPENSATION_MIN_TOKENS_PER_CHANNEL * acc.sum.shape[0] else 0.0
+
+
 @torch.no_grad()
-def collect_input_hessians(ctx: BlockContext, roles: tuple[str, ...]) -> dict[str, HessianAccumulator]:
-    """Run the block over its calibration batches; 2E[x xᵀ] of each role's input."""
-    inputs = LinearInputs(ctx, roles)
+def collect_input_hessians(
+    ctx: BlockContext, roles: tuple[str, ...], own_targets: bool = False
+) -> dict[str, HessianAccumulator]:
+    """Run the block over its calibration batches; 2E[x xᵀ] of each role's input (and the
+    correction term of ``own_targets``, see ``LinearInputs``)."""
+    inputs = LinearInputs(ctx, roles, own_targets)
     try:
         for batch in range(len(ctx.hidden)):
             inputs.run(batch)
@@ -106,19 +135,24 @@ def collect_input_hessians(ctx: BlockContext, roles: tuple[str, ...]) -> dict[st
 
 
 class GPTQ:
-    """GPTQ on every linear, each with the Hessian of its own input."""
+    """GPTQ on every linear, each with the Hessian of its own input; with
+    ``compensate_rounding``, aimed at W x from the rounded input (``corrected_weight``,
+    ``compensation_strength``)."""
 
     needs_fp_stream = False
     needs_output_hessians = False
+    compensates_rounding = True
 
     def __init__(self, config: QuantConfig):
         self.config = config
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        hessians = collect_input_hessians(ctx, tuple(ctx.linears))
         config = self.config
-        return {role: gptq_quantize(linear.weight.data, hessians[role].hessian, ctx.grid(config, role),
-                                    config.gptq)
+        acc = collect_input_hessians(ctx, tuple(ctx.linears), config.activations.compensate_rounding)
+        percdamp = config.gptq.percdamp
+        return {role: gptq_quantize(corrected_weight(linear.weight.data, acc[role],
+                                                     compensation_strength(acc[role]), percdamp),
+                                    acc[role].hessian, ctx.grid(config, role), config.gptq)
                 for role, linear in ctx.linears.items()}  # fmt: skip
 
 
@@ -127,14 +161,14 @@ OTHER_ROLES = ("o", "gate", "up", "down")  # the linears BoA leaves to GPTQ
 
 @torch.no_grad()
 def collect_attention_statistics(
-    ctx: BlockContext, relaxed_v: bool
+    ctx: BlockContext, relaxed_v: bool, own_targets: bool = False
 ) -> tuple[AttentionStatistics, dict[str, HessianAccumulator]]:
     """Run the block over its calibration batches; BoA's attention statistics and the input Hessians
-    of q (shared by q/k/v) and of OTHER_ROLES."""
+    of q (shared by q/k/v) and of OTHER_ROLES (with ``own_targets``' correction terms)."""
     shape = ctx.adapter.attention_shape(ctx.model_config)
     d_in = ctx.linears["q"].in_features
     stats = AttentionStatistics(d_in, shape.num_heads, shape.num_kv_heads, shape.head_dim, relaxed_v)
-    inputs = LinearInputs(ctx, ("q", *OTHER_ROLES))
+    inputs = LinearInputs(ctx, ("q", *OTHER_ROLES), own_targets)
     try:
         for batch in range(len(ctx.kwargs)):
             inputs.run(batch)
@@ -150,6 +184,7 @@ class BoA:
     """BoA on W_Q, W_K, W_V (attention-aware Kronecker Hessians); GPTQ on o_proj and the MLP."""
 
     needs_output_hessians = False
+    compensates_rounding = True  # and so do BoA-OAC and aespa, which round the same targets
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -160,11 +195,14 @@ class BoA:
         config, options = self.config, self.config.boa
         shape = ctx.adapter.attention_shape(ctx.model_config)
         linears = ctx.linears
-        stats, acc = collect_attention_statistics(ctx, options.relaxed_v)
+        own_targets = config.activations.compensate_rounding
+        stats, acc = collect_attention_statistics(ctx, options.relaxed_v, own_targets)
 
         def target(role: str, acc_role: str) -> torch.Tensor:
-            w = linears[role].weight.data
-            return corrected_weight(w, acc[acc_role], options.alpha, config.gptq.percdamp)
+            w, acc_in = linears[role].weight.data, acc[acc_role]
+            # the FP stream's target at TurboBoA's strength, or the own inputs' (compensate_rounding)
+            alpha = options.alpha if ctx.fp_hidden is not None else compensation_strength(acc_in)
+            return corrected_weight(w, acc_in, alpha, config.gptq.percdamp)
 
         h_x = acc["q"].hessian
         h_row_q, h_row_k = stats.row_hessians()
@@ -217,6 +255,7 @@ class OAC:
 
     needs_fp_stream = False
     needs_output_hessians = True
+    compensates_rounding = False  # its Hessians come from backward passes, not the inputs
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -264,6 +303,13 @@ METHODS = {"rtn": RTN, "gptq": GPTQ, "boa": BoA, "oac": OAC, "boa-oac": BoAOAC, 
 def needs_output_hessians(config: QuantConfig) -> bool:
     """OAC's Hessians are needed by the method, or by the mixed-precision allocation."""
     return method_class(config.method).needs_output_hessians or config.mixed.enabled
+
+
+def check_compensation(config: QuantConfig) -> None:
+    """A clear error when compensate_rounding is asked of a method that cannot apply it."""
+    if config.activations.compensate_rounding and not method_class(config.method).compensates_rounding:
+        able = ", ".join(name for name, cls in METHODS.items() if cls.compensates_rounding)
+        raise EdgeqError(f"--act-compensate works with the methods {able}, not '{config.method}'")
 
 
 def method_class(name: str):
