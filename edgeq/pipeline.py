@@ -46,7 +46,7 @@ from edgeq.quant.aptq import with_widths
 from edgeq.quant.block import BlockContext, block_forward, to_device
 from edgeq.quant.gptq import DampingFallback
 from edgeq.quant.grid import rtn_quantize_in_place
-from edgeq.quant.methods import needs_output_hessians
+from edgeq.quant.methods import check_compensation, needs_output_hessians
 from edgeq.quant.oac import collect_output_hessians, resident_provider
 from edgeq.resume import BlockRecord, Journal, block_state, restore_block
 from edgeq.rotation.rotate import RotationPlan, rotate_block, untie_lm_head
@@ -494,6 +494,7 @@ def quantize_model(
     config.weights.validate()
     config.activations.validate()
     config.mixed.validate()
+    check_compensation(config)
     start = time.perf_counter()
     hessians = None
     if needs_output_hessians(config):  # backward passes on the float model

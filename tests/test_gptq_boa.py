@@ -17,6 +17,7 @@ from edgeq.config import (
     WeightQuantConfig,
     scheme_preset,
 )
+from edgeq.errors import EdgeqError
 from edgeq.models.adapters import adapter_for
 from edgeq.pipeline import capture_block_inputs, quantize_block_activations, quantize_model
 from edgeq.quant.block import BlockContext
@@ -314,6 +315,16 @@ def test_gptq_rounds_the_compensated_weight():
     uncompensated = GPTQ(QuantConfig(method="gptq", weights=config.weights, activations=plain_act))
     plain = uncompensated.quantize_block(ctx)
     assert any(not torch.equal(plain[r].codes, compensated[r].codes) for r in plain)
+
+
+@pytest.mark.parametrize("method", ["rtn", "oac"])
+def test_methods_that_cannot_compensate_refuse_it(method):
+    model = tiny_model("llama")
+    act = ActQuantConfig(bits=4, compensate_rounding=True)
+    config = QuantConfig(method=method, weights=WeightQuantConfig(bits=4, group_size=16), activations=act)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(EdgeqError, match="--act-compensate works with the methods gptq, boa"):
+        quantize_model(model, adapter_for(model), config, ids, progress=False)
 
 
 def test_compensation_needs_enough_tokens_per_input_channel():
