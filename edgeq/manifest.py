@@ -22,9 +22,8 @@ import numpy as np
 import onnx
 
 import edgeq
-from edgeq.config import COMPENSATION_MIN_TOKENS_PER_CHANNEL
 from edgeq.errors import EdgeqError
-from edgeq.report_md import weight_widths_text
+from edgeq.report_md import compensation_condition, weight_widths_text
 
 MANIFEST_FILE = "manifest.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -420,9 +419,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
     symmetric = "symmetric" if weights.get("symmetric") else "asymmetric"
     abits, kv_bits = acts.get("bits", 16), acts.get("kv_bits", 16)
     shifted = ", shifted by the calibration mean" if acts.get("shift") else ""
-    if acts.get("compensate_rounding") and acts.get("calibrate_quantized", True):
-        tokens = COMPENSATION_MIN_TOKENS_PER_CHANNEL
-        shifted += f", its rounding compensated by the weights (≥ {tokens} calibration tokens per channel)"
+    if condition := compensation_condition(acts):
+        shifted += f", its rounding compensated by the weights ({condition})"
     act_text = f"int{abits} per token (clip {acts.get('clip_ratio')}{shifted})" if abits < 16 else "float"
     kv_text = f"int{kv_bits}" if kv_bits < 16 else "float"
     applied = ", ".join(f"{k.upper()} ({v})" for k, v in (rotation.get("applied") or {}).items()) or "none"

@@ -338,6 +338,14 @@ def weight_widths_text(quant: dict) -> str:
     return f"{'/'.join(map(str, widths))}-bit mixed, at most {mixed['avg_bits']:g} bits on average (APTQ)"
 
 
+def compensation_condition(act: dict) -> str:
+    """The condition under which the weights compensated the activations' rounding, as text; "" when
+    the config (a report's ``activations``) did not ask for it or calibrated on float inputs."""
+    if not (act.get("compensate_rounding") and act.get("calibrate_quantized", True)):
+        return ""
+    return f"≥ {COMPENSATION_MIN_TOKENS_PER_CHANNEL} calibration tokens per channel"
+
+
 def _activations_text(act: dict) -> str:
     bits = act.get("bits")
     if not _is_number(bits) or bits >= 16:
@@ -347,9 +355,8 @@ def _activations_text(act: dict) -> str:
         text += f", clip ratio {act['clip_ratio']}"
     if act.get("shift"):
         text += ", each input shifted by its calibration mean"
-    if act.get("compensate_rounding") and act.get("calibrate_quantized", True):
-        tokens = COMPENSATION_MIN_TOKENS_PER_CHANNEL
-        text += f", the weights fitted to compensate its rounding (≥ {tokens} calibration tokens per channel)"
+    if condition := compensation_condition(act):
+        text += f", the weights fitted to compensate its rounding ({condition})"
     if act.get("down_proj_bits") is not None:
         text += f"; down_proj input {act['down_proj_bits']}-bit"
     return text
