@@ -94,11 +94,11 @@ ROWS = (
     Row("rotation + RTN", "w4a4", "rtn"),
     Row("learned rotation + RTN", "w4a4", "rtn", learned=True, objective_weights="rtn"),
     Row("w4a4-down8 (down_proj input A8) + GPTQ", "w4a4-down8", "gptq"),
-    Row("w4a4-down8 (down_proj input A8) + BoA", "w4a4-down8", "boa"),  # the preset's method
+    Row("w4a4-down8 (down_proj input A8) + BoA", "w4a4-down8", "boa", SEEDS),  # the preset's method
     Row("w4a8 + GPTQ", "w4a8", "gptq"),
     Row("w4a8 + BoA", "w4a8", "boa"),
     Row("w4a4 + KV4 + GPTQ", "w4a4", "gptq", activations={"kv_bits": 4}),
-    Row("w4a4 + KV4 + BoA", "w4a4", "boa", activations={"kv_bits": 4}),
+    Row("w4a4 + KV4 + BoA", "w4a4", "boa", SEEDS, activations={"kv_bits": 4}),
 )
 # must-shows, on the presets' method: row label → the largest perplexity / FP allowed
 LIMITS = {
@@ -258,6 +258,19 @@ def _ppl(row: dict) -> str:
     return f"{row['perplexity']:.2f}" + (f" ± {row['std']:.2f}" if row.get("std") is not None else "")
 
 
+def _compensated_text(rows: list[dict]) -> str:
+    """Which rows' weights compensated the activations' rounding (``--act-compensate``), as a
+    sentence after the settings; "" when none did."""
+    labels = [r["label"] for r in rows if r["config"].get("activations", {}).get("compensate_rounding")]
+    if not labels:
+        return ""
+    return (
+        " Weights compensating the activations' rounding (`--act-compensate`): "
+        + "; ".join(f"`{label}`" for label in labels)
+        + "."
+    )
+
+
 def markdown(results: dict) -> str:
     s, fp = results["settings"], results["fp_perplexity"]
     # the first row's (a Hadamard w4a4 row; ``rotation`` may hold another row's, e.g. KV4's R3)
@@ -275,7 +288,7 @@ def markdown(results: dict) -> str:
         f"{', '.join(map(str, SEEDS))} (mean ± standard deviation); the "
         f"others with seed 0. Learned "
         f"rotations: {s['rotation_steps']} Cayley SGD steps on {s['rotation_samples']} windows, step "
-        f"size {s['rotation_lr']:g}.",
+        f"size {s['rotation_lr']:g}.{_compensated_text(results['rows'])}",
         "",
         "| W4A4 | perplexity | × FP | must show | quantization time (s) | peak RSS (GiB) |",
         "| --- | ---: | ---: | --- | ---: | ---: |",

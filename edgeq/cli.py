@@ -25,7 +25,7 @@ from edgeq.config import (
 )
 from edgeq.errors import EdgeqError
 from edgeq.models.loading import DEFAULT_MODEL
-from edgeq.quant import METHODS
+from edgeq.quant import METHODS, method_class
 from edgeq.validate import GATES, load_gates
 
 
@@ -370,6 +370,11 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         compensate_rounding=args.act_compensate,
     )
     method = args.method or quant.method
+    if args.act_compensate is None and activations.compensate_rounding:
+        # a preset's compensation goes with the methods that can apply it; only the flag makes RTN refuse
+        activations = dataclasses.replace(
+            activations, compensate_rounding=method_class(method).compensates_rounding
+        )
     # RTN rounds afterwards what an RTN objective rounded; the other methods choose their own integers
     objective = args.rotation_objective_weights or ("rtn" if method == "rtn" else None)
     rotation = _replace(

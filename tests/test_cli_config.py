@@ -78,6 +78,12 @@ def test_w4a4_presets_learned_rotations_and_clip_search_from_the_command_line():
     down8, w4a8 = _config("--scheme", "w4a4-down8").quant, _config("--scheme", "w4a8").quant
     assert down8.activations.bits_for("down") == 8 and down8.activations.bits_for("gate") == 4
     assert w4a8.activations.bits == 8 and w4a8.weights == _config("--scheme", "w4a4").quant.weights
+    # down8 compensates the rounding where the method can; RTN and OAC then go without it, unasked
+    assert down8.activations.compensate_rounding and not w4a8.activations.compensate_rounding
+    for method, compensates in (("gptq", True), ("aespa", True), ("rtn", False), ("oac", False)):
+        quant = _config("--scheme", "w4a4-down8", "--method", method).quant
+        assert quant.activations.compensate_rounding == compensates
+    assert not _config("--scheme", "w4a4-down8", "--no-act-compensate").quant.activations.compensate_rounding
     config = _config("--scheme", "w4a16", "--act-bits", "4", "--act-clip", "search", "--rotation", "learned",
                      "--rotation-steps", "5", "--rotation-samples", "3", "--rotation-lr", "0.01",
                      "--rotation-objective-weights", "rtn")  # fmt: skip
