@@ -207,7 +207,7 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     act.add_argument(
         "--act-compensate", action=argparse.BooleanOptionalAction, default=None,
         help="fit each weight to its linear's output before the activation grid, so it compensates its "
-        "input's rounding (GPTQ and BoA; default: the scheme's)",
+        "input's rounding (GPTQ and BoA; default: the scheme's, where the method applies it)",
     )  # fmt: skip
     act.add_argument(
         "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
