@@ -258,17 +258,25 @@ def _ppl(row: dict) -> str:
     return f"{row['perplexity']:.2f}" + (f" ± {row['std']:.2f}" if row.get("std") is not None else "")
 
 
-def _compensated_text(rows: list[dict]) -> str:
-    """Which rows' weights compensated the activations' rounding (``--act-compensate``), as a
-    sentence after the settings; "" when none did."""
-    labels = [r["label"] for r in rows if r["config"].get("activations", {}).get("compensate_rounding")]
-    if not labels:
-        return ""
-    return (
-        " Weights compensating the activations' rounding (`--act-compensate`): "
-        + "; ".join(f"`{label}`" for label in labels)
-        + "."
-    )
+def _row_settings_text(rows: list[dict]) -> str:
+    """Sentences after the settings naming the rows whose weights compensated the activations'
+    rounding (``--act-compensate``) and the rows whose quantized KV cache was shifted by its
+    calibration mean (``--kv-shift``), read from each row's config; "" where no row did either."""
+
+    def act(row: dict) -> dict:
+        return row["config"].get("activations", {})
+
+    named = (
+        ("Weights compensating the activations' rounding (`--act-compensate`)",
+         lambda a: a.get("compensate_rounding")),
+        ("KV cache int4 with keys and values shifted by their calibration means (`--kv-shift`)",
+         lambda a: a.get("kv_shift") and a.get("kv_bits", 16) < 16),
+    )  # fmt: skip
+    text = ""
+    for sentence, applies in named:
+        if labels := [r["label"] for r in rows if applies(act(r))]:
+            text += f" {sentence}: " + "; ".join(f"`{label}`" for label in labels) + "."
+    return text
 
 
 def markdown(results: dict) -> str:
@@ -288,7 +296,7 @@ def markdown(results: dict) -> str:
         f"{', '.join(map(str, SEEDS))} (mean ± standard deviation); the "
         f"others with seed 0. Learned "
         f"rotations: {s['rotation_steps']} Cayley SGD steps on {s['rotation_samples']} windows, step "
-        f"size {s['rotation_lr']:g}.{_compensated_text(results['rows'])}",
+        f"size {s['rotation_lr']:g}.{_row_settings_text(results['rows'])}",
         "",
         "| W4A4 | perplexity | × FP | must show | quantization time (s) | peak RSS (GiB) |",
         "| --- | ---: | ---: | --- | ---: | ---: |",

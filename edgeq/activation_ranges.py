@@ -24,7 +24,9 @@ unchanged and rounds only what differs from token to token (as Outlier Suppressi
 shift, arXiv 2304.09145, there folded into a LayerNorm's bias, which an RMSNorm does not have: the
 exported graphs subtract and add it, two ops per quantized input). μ is each input's mean over
 the first SEARCH_WINDOWS calibration windows, fitted before the clip search, which then searches
-the grid of X − μ.
+the grid of X − μ. The KV cache's keys and values get shifts of the same form, one per head and
+channel (``ActQuantConfig.kv_shift``, ``fit_kv_shift``, derivation in ``edgeq.kv_cache``), fitted
+first, so the attention output the linear shifts and the clip search see is the exported one.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from edgeq.activations import QuantInputLinear, fake_quant_per_token
+from edgeq.activations import QuantInputLinear, fake_quant_per_token, float_activations
 from edgeq.config import ActQuantConfig
+from edgeq.kv_cache import KVQuant, set_kv_shift
 from edgeq.models.adapters import INPUT_GROUPS, Adapter
 from edgeq.quant.block import block_forward, to_device
 
@@ -203,3 +207,43 @@ def reserve_shifts(adapter: Adapter, block: nn.Module) -> None:
     copied into (``edgeq.resume.restore_block``)."""
     for module in _input_quantizers(adapter, block).values():
         module.shift = torch.zeros(module.linear.in_features, device=module.linear.weight.device)
+
+
+@torch.no_grad()
+def fit_kv_shift(
+    adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+    device: torch.device | str = "cpu", windows: int = SEARCH_WINDOWS,
+) -> torch.Tensor:  # fmt: skip
+    """The shifts of ``block``'s KV cache, [2, Hkv, 1, hd]: the per-head, per-channel means of its keys
+    (after R3) and values over the tokens of the batches of ``hidden`` that hold the first
+    ``windows`` windows, computed with the block's quantizers off, and set on its attention module
+    (``edgeq.kv_cache.KV_SHIFT``). The cache must be quantized already (``kv_spec``)."""
+    attention = adapter.attention(block)
+    spec: KVQuant = attention.edgeq_kv
+    sums: list[torch.Tensor] = []
+    tokens = 0
+
+    def observe(key: torch.Tensor, value: torch.Tensor) -> None:  # each [b, Hkv, S, hd]
+        nonlocal tokens, sums
+        totals = [t.detach().double().sum(dim=(0, 2)) for t in (key, value)]
+        sums = totals if not sums else [a + b for a, b in zip(sums, totals, strict=True)]
+        tokens += key.shape[0] * key.shape[2]
+
+    spec.observer = observe
+    try:
+        with float_activations(block):
+            for h, kw in zip(*_first_windows(hidden, kwargs, windows), strict=True):
+                block_forward(adapter, block, to_device(h, device, torch.float32), to_device(kw, device))
+    finally:
+        spec.observer = None
+    shift = (torch.stack(sums) / tokens).float().unsqueeze(2)
+    set_kv_shift(attention, shift)
+    return shift
+
+
+def reserve_kv_shift(model_config: PretrainedConfig, adapter: Adapter, block: nn.Module) -> None:
+    """A zero KV shift on ``block``'s attention, for a recorded block's state to be copied into
+    (``edgeq.resume.restore_block``)."""
+    shape = adapter.attention_shape(model_config)
+    weight = adapter.linears(block)["k"].weight
+    set_kv_shift(adapter.attention(block), weight.new_zeros(2, shape.num_kv_heads, 1, shape.head_dim))

@@ -138,14 +138,22 @@ class QuantInputLinear(nn.Module):
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         grid = (self.bits, self.symmetric, self.clip_ratio, self.linear.in_features)
-        if self.shift is None:
-            return PerTokenFakeQuant.apply(x, *grid)
-        # the shift in float32, as the grid math (fake_quant_per_token) and the exported graphs do
-        wide = torch.promote_types(x.dtype, torch.float32)
-        xf = x if x.dtype == wide else x.to(wide)
-        shift = self.shift.to(wide)
-        out = PerTokenFakeQuant.apply(xf - shift, *grid) + shift
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return shifted_fake_quant(x, self.shift, *grid)
+
+
+def shifted_fake_quant(
+    x: torch.Tensor, shift: torch.Tensor | None, bits: int, symmetric: bool, clip_ratio: float, width: int
+) -> torch.Tensor:
+    """Q(x − shift) + shift with PerTokenFakeQuant's grid over x's last axis (``width`` wide);
+    ``shift`` broadcasts against x (None = no shift: Q(x))."""
+    if shift is None:
+        return PerTokenFakeQuant.apply(x, bits, symmetric, clip_ratio, width)
+    # the shift in float32, as the grid math (fake_quant_per_token) and the exported graphs do
+    wide = torch.promote_types(x.dtype, torch.float32)
+    xf = x if x.dtype == wide else x.to(wide)
+    shift = shift.to(wide)
+    out = PerTokenFakeQuant.apply(xf - shift, bits, symmetric, clip_ratio, width) + shift
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 @contextlib.contextmanager

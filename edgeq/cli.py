@@ -212,6 +212,11 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     act.add_argument(
         "--kv-bits", type=int, help="KV cache bits, asymmetric per token and head; 16 = float (default)"
     )
+    act.add_argument(
+        "--kv-shift", action=argparse.BooleanOptionalAction, default=None,
+        help="with a quantized KV cache, take the keys' and values' calibration means (per head and "
+        "channel) out before their grid and add them back after (default: the scheme's)",
+    )  # fmt: skip
     rot = act.add_mutually_exclusive_group()
     rot.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="Hadamard rotations")
     rot.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotations")
@@ -368,6 +373,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         kv_bits=args.kv_bits,
         shift=args.act_shift,
         compensate_rounding=args.act_compensate,
+        kv_shift=args.kv_shift,
     )
     method = args.method or quant.method
     if args.act_compensate is None and activations.compensate_rounding:

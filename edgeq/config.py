@@ -163,6 +163,11 @@ class ActQuantConfig:
     shift: each quantized input loses its calibration mean before the grid and gets it back after,
     Q(x − μ) + μ (``edgeq.activation_ranges``: the mean direction every token shares takes no grid
     levels; two more ops per input in the graphs).
+    kv_shift: with a quantized KV cache, keys (after R3) and values lose their per-head, per-channel
+    calibration mean before the grid and get it back after (``edgeq.kv_cache``; two more ops per
+    tensor in the graph). On in the w4a4 presets. SmolLM2, w4a4 + KV4 (benchmarks/w4a4.py's rows,
+    seeds 0, 1, 2, 2026-12-07): BoA 46.81 46.81 46.61 (mean 46.74) → 45.42 46.23 46.17 (45.94),
+    GPTQ (seed 0) 48.20 → 45.64.
     compensate_rounding: GPTQ and the BoA family fit each weight to what its linear computed before
     the activation grid: the least-squares target W* = W + W D H⁻¹ on the rounded inputs Q(x), with
     D = 2E[(x − Q(x)) Q(x)ᵀ] and H = 2E[Q(x) Q(x)ᵀ], is rounded in place of W
@@ -191,10 +196,16 @@ class ActQuantConfig:
     clip_search: bool = False
     shift: bool = False
     compensate_rounding: bool = False
+    kv_shift: bool = False
 
     @property
     def enabled(self) -> bool:
         return self.bits < 16
+
+    @property
+    def kv_shifted(self) -> bool:
+        """Whether the KV cache is quantized with shifts (kv_shift has nothing to shift in float)."""
+        return self.kv_shift and self.kv_bits < 16
 
     def bits_for(self, role: str) -> int:
         return self.down_proj_bits if role == "down" and self.down_proj_bits is not None else self.bits
@@ -416,12 +427,15 @@ SCHEMES: dict[str, QuantConfig] = {
         scheme="w3a16", weights=WeightQuantConfig(bits=3, group_size=-1, symmetric=False), lm_head_bits=8
     ),
     # QuaRot-style W4A4: rotations on, per-channel asymmetric int4 weights (an integer kernel pays one
-    # zero-point term per token for them), per-token asymmetric int4 activations (KV cache in float),
-    # each input shifted by its calibration mean and its clip ratio searched (benchmarks/w4a4.py).
+    # zero-point term per token for them), per-token asymmetric int4 activations (KV cache in float;
+    # with --kv-bits, keys and values shifted too), each input shifted by its calibration mean and its
+    # clip ratio searched (benchmarks/w4a4.py).
     "w4a4": QuantConfig(
         scheme="w4a4",
         weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=False),
-        activations=ActQuantConfig(bits=4, symmetric=False, clip_ratio=0.9, clip_search=True, shift=True),
+        activations=ActQuantConfig(
+            bits=4, symmetric=False, clip_ratio=0.9, clip_search=True, shift=True, kv_shift=True
+        ),
         rotation=RotationConfig(enabled=True),
         lm_head_bits=8,
     ),

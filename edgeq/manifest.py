@@ -422,7 +422,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
     if condition := compensation_condition(acts):
         shifted += f", its rounding compensated by the weights ({condition})"
     act_text = f"int{abits} per token (clip {acts.get('clip_ratio')}{shifted})" if abits < 16 else "float"
-    kv_text = f"int{kv_bits}" if kv_bits < 16 else "float"
+    kv_shifted = " (shifted by the calibration mean)" if acts.get("kv_shift") else ""
+    kv_text = f"int{kv_bits}{kv_shifted}" if kv_bits < 16 else "float"
     applied = ", ".join(f"{k.upper()} ({v})" for k, v in (rotation.get("applied") or {}).items()) or "none"
     params = model.get("parameters")
     params_text = f"{params:,}" if isinstance(params, int) else "—"

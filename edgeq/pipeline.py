@@ -35,7 +35,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgeq.activation_ranges import fit_block_shifts, reserve_shifts, search_block_clip_ratios
+from edgeq.activation_ranges import (
+    fit_block_shifts,
+    fit_kv_shift,
+    reserve_kv_shift,
+    reserve_shifts,
+    search_block_clip_ratios,
+)
 from edgeq.activations import float_activations
 from edgeq.config import ActQuantConfig, QuantConfig
 from edgeq.kv_cache import kv_spec
@@ -190,6 +196,8 @@ def prepare_block(
         quantize_block_activations(model, adapter, block, act, clip_ratios)
         if act.shift:  # the record's state holds their values
             reserve_shifts(adapter, block)
+        if act.kv_shifted:
+            reserve_kv_shift(model.config, adapter, block)
 
 
 @torch.no_grad()
@@ -421,6 +429,8 @@ def run_blocks(
             clip_ratios: dict[str, float] = {}
             if act.enabled:
                 quantize_block_activations(model, adapter, block, act)
+                if act.kv_shifted:  # first: the linear shifts and clip search see the exported attention
+                    fit_kv_shift(adapter, block, hidden, kwargs, device)
                 if act.shift:  # first: the clip search fits the grid of the shifted inputs
                     fit_block_shifts(adapter, block, hidden, kwargs, device)
                 if act.clip_search:  # on the float weights, the inputs the quantized blocks give

@@ -317,7 +317,7 @@ def _quant_rows(quant: dict) -> list[tuple[str, str]]:
         ("Method", method_text),
         ("Weights", _weights_text(quant)),
         ("Activations", _activations_text(quant.get("activations", {}))),
-        ("KV cache", _kv_text(_get(quant, "activations", "kv_bits"))),
+        ("KV cache", _kv_text(_get(quant, "activations", "kv_bits"), _get(quant, "activations", "kv_shift"))),
     ]
 
 
@@ -362,10 +362,11 @@ def _activations_text(act: dict) -> str:
     return text
 
 
-def _kv_text(kv_bits: Any) -> str:
+def _kv_text(kv_bits: Any, shift: Any) -> str:
     if not _is_number(kv_bits) or kv_bits >= 16:
         return "not quantized (float)"
-    return f"{kv_bits}-bit, asymmetric per token and head"
+    shifted = ", shifted by the calibration mean" if shift is True else ""
+    return f"{kv_bits}-bit, asymmetric per token and head{shifted}"
 
 
 def _rotation_rows(report: dict) -> list[tuple[str, str]]:

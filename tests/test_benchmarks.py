@@ -62,11 +62,11 @@ def test_readme_is_updated_only_between_the_markers(tmp_path):
     assert "new table" in text and "old" not in text
 
 
-def _w4a4_row(label, ppl, std=None, learning=0.0, objective="float", compensate=None):
+def _w4a4_row(label, ppl, std=None, learning=0.0, objective="float", compensate=None, kv_bits=16):
     seeds = [{"seed": 0, "perplexity": ppl, "learning_seconds": learning}]
     config = {"rotation": {"objective_weights": objective}}
-    if compensate is not None:  # rows written before compensate_rounding have no such key
-        config["activations"] = {"compensate_rounding": compensate}
+    if compensate is not None:  # rows written before compensate_rounding and kv_shift have no such keys
+        config["activations"] = {"compensate_rounding": compensate, "kv_shift": True, "kv_bits": kv_bits}
     return {"label": label, "perplexity": ppl, "std": std, "seeds": seeds, "seconds": 9.0,
             "peak_rss_bytes": 2**30, "config": config}  # fmt: skip
 
@@ -100,7 +100,7 @@ W4A4_RESULTS = {
         _w4a4_row("w4a8 + GPTQ", 12.0, compensate=False),
         _w4a4_row("w4a8 + BoA", 11.0),
         _w4a4_row("w4a4 + KV4 + GPTQ", 17.0),
-        _w4a4_row("w4a4 + KV4 + BoA", 16.5),
+        _w4a4_row("w4a4 + KV4 + BoA", 16.5, compensate=False, kv_bits=4),
     ],
     "fused": {
         "graph": "fused",
@@ -126,6 +126,8 @@ def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     assert "| w4a4-down8 (down_proj input A8) + BoA | 13.60 ± 0.50 | 1.36 | ≤ 1.35 × ✗ |" in table
     compensated = "`w4a4-down8 (down_proj input A8) + GPTQ`; `w4a4-down8 (down_proj input A8) + BoA`."
     assert f"Weights compensating the activations' rounding (`--act-compensate`): {compensated}" in table
+    # only the row that quantizes its KV cache; w4a8's kv_shift has nothing to shift, KV4 GPTQ's no key
+    assert "shifted by their calibration means (`--kv-shift`): `w4a4 + KV4 + BoA`." in table
     assert "| w4a8 + GPTQ | 12.00 | 1.20 |  |" in table  # the limit is the preset's (BoA's)
     assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
     assert "| w4a4 + KV4 + BoA | 16.50 | 1.65 | ≤ 1.6 × ✗ |" in table

@@ -45,6 +45,10 @@ def test_w4a4_preset_and_its_overrides():
     assert _config("--scheme", "w4a16", "--act-shift").quant.activations.shift
     assert not quant.activations.compensate_rounding  # off in the preset (see ActQuantConfig)
     assert _config("--scheme", "w4a4", "--act-compensate").quant.activations.compensate_rounding
+    assert _config("--scheme", "w4a4", "--kv-bits", "4").quant.activations.kv_shifted  # on in the preset
+    assert not _config("--scheme", "w4a4", "--kv-bits", "4", "--no-kv-shift").quant.activations.kv_shifted
+    assert not _config("--scheme", "w4a4").quant.activations.kv_shifted  # a float cache has nothing to shift
+    assert _config("--scheme", "w4a16", "--kv-bits", "4", "--kv-shift").quant.activations.kv_shifted
     config = _config(
         "--scheme", "w4a4", "--act-symmetric", "--act-clip", "1.0", "--down-act-bits", "8",
         "--no-rotate", "--rotation-seed", "3", "--kv-bits", "4", "--format", "ort",

@@ -165,6 +165,10 @@ def test_title_and_setup_come_from_the_report():
     for text in SETUP_TEXTS:
         assert text in setup, text
     assert "| KV cache | not quantized (float) |" in setup
+    report = make_report()
+    report["config"]["quant"]["activations"] |= {"kv_bits": 4, "kv_shift": True}
+    setup = section(render_markdown(report, {}), "Setup")
+    assert "| KV cache | 4-bit, asymmetric per token and head, shifted by the calibration mean |" in setup
 
 
 def test_every_rotation_is_listed_with_how_or_why():

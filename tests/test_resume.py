@@ -111,8 +111,18 @@ def count_calibrated_blocks(monkeypatch) -> list[int]:
         (["--format", "ort", "--method", "gptq"], "ctrl-c"),
         (["--format", "qdq", "--method", "oac", "--avg-bits", "3.5"], "sigterm"),
         (["--scheme", "w4a4", "--act-shift", "--format", "ort", "--method", "rtn"], "sigterm"),
+        (
+            ["--scheme", "w4a4", "--kv-bits", "4", "--kv-shift", "--format", "qdq", "--method", "rtn"],
+            "ctrl-c",
+        ),
     ],
-    ids=["qdq-boa-sigterm", "ort-gptq-ctrl-c", "qdq-aptq-oac-sigterm", "ort-w4a4-shift-sigterm"],
+    ids=[
+        "qdq-boa-sigterm",
+        "ort-gptq-ctrl-c",
+        "qdq-aptq-oac-sigterm",
+        "ort-w4a4-shift-sigterm",
+        "qdq-w4a4-kv4-shift-ctrl-c",
+    ],
 )
 def test_resume_after_a_kill_gives_the_uninterrupted_bytes(
     capsys, text_data_dir, model_dir, tmp_path, monkeypatch, options, how
