@@ -261,17 +261,21 @@ def _ppl(row: dict) -> str:
 def _row_settings_text(rows: list[dict]) -> str:
     """Sentences after the settings naming the rows whose weights compensated the activations'
     rounding (``--act-compensate``) and the rows whose quantized KV cache was shifted by its
-    calibration mean (``--kv-shift``), read from each row's config; "" where no row did either."""
+    calibration mean (``--kv-shift``), one sentence per cache width, read from each row's config; ""
+    where no row did either."""
 
     def act(row: dict) -> dict:
         return row["config"].get("activations", {})
 
-    named = (
+    kv_widths = sorted({act(r).get("kv_bits", 16) for r in rows} - {16})
+    named = [
         ("Weights compensating the activations' rounding (`--act-compensate`)",
          lambda a: a.get("compensate_rounding")),
-        ("KV cache int4 with keys and values shifted by their calibration means (`--kv-shift`)",
-         lambda a: a.get("kv_shift") and a.get("kv_bits", 16) < 16),
-    )  # fmt: skip
+    ] + [
+        (f"KV cache int{bits} with keys and values shifted by their calibration means (`--kv-shift`)",
+         lambda a, bits=bits: a.get("kv_shift") and a.get("kv_bits", 16) == bits)
+        for bits in kv_widths
+    ]  # fmt: skip
     text = ""
     for sentence, applies in named:
         if labels := [r["label"] for r in rows if applies(act(r))]:

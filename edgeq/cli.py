@@ -222,6 +222,11 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     rot.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotations")
     act.add_argument("--rotation-seed", type=int, help="seed of the randomized Hadamard matrices (0)")
     act.add_argument(
+        "--r5", action=argparse.BooleanOptionalAction, default=None,
+        help="with rotations on, R5: an online Hadamard on o_proj's whole input, mixing across heads "
+        "(R2 mixes within one); its inverse fused into o_proj (default: the scheme's, off)",
+    )  # fmt: skip
+    act.add_argument(
         "--rotation",
         choices=ROTATION_KINDS,
         help="hadamard: randomized Hadamard matrices; learned: R1/R2 optimized from them on the quantized "
@@ -387,6 +392,7 @@ def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
         quant.rotation,
         enabled=True if args.rotation and args.rotate is None else args.rotate,
         seed=args.rotation_seed,
+        r5=args.r5,
         kind=args.rotation,
         steps=args.rotation_steps,
         samples=args.rotation_samples,

@@ -232,6 +232,11 @@ class RotationConfig:
     r2: per-head randomized Hadamard between v_proj and o_proj, fused.
     r4: Hadamard on down_proj's input, applied online (a factored transform) and fused into down_proj.
     r3: Hadamard on queries and keys after RoPE, online; applied only when the KV cache is quantized.
+    r5: Hadamard on o_proj's whole input (every head's attention output), applied online and fused
+    into o_proj: R2 mixes channels within one head, R5 across heads, so a head whose outputs run
+    larger than the others' no longer sets the per-token grid's range alone (QuaRot's online
+    Hadamard before out_proj; edgeq's name). Off by default and in the presets until
+    benchmarks/w4a4.py measures it there; it adds one online transform per block, as R4 does.
     seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
     kind: "hadamard" (the randomized Hadamard matrices) or "learned": R1 and one R2 per block
     optimized from them on the quantized network's loss (SpinQuant, ``edgeq.rotation.learned``),
@@ -254,6 +259,7 @@ class RotationConfig:
     r2: bool = True
     r4: bool = True
     r3: bool = True
+    r5: bool = False
     seed: int = 0
     kind: str = "hadamard"
     steps: int = 32

@@ -299,7 +299,7 @@ def _runtime_notes(
     else:
         notes.append("- **KV cache**: float.")
     applied = rotation.get("applied") or {}
-    online = [k.upper() for k in ("r3", "r4") if k in applied]
+    online = [k.upper() for k in ("r3", "r4", "r5") if k in applied]
     fused = [k.upper() for k in ("r1", "r2") if k in applied]
     if fused:
         notes.append(f"- **Rotations {', '.join(fused)}**: fused into the weights; no cost at run time.")

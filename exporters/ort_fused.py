@@ -11,7 +11,7 @@ directly from the adapter with ORT's contrib operators, as ORT's own model build
                 [Split → RMSNorm of q, k per head] q_norm / k_norm before RoPE
                 GroupQueryAttention                RoPE (cos/sin from inv_freq), KV cache, causal softmax
                                                    (local_window_size on sliding-window layers)
-                {A} MatMulNBits o_proj [→ RMSNorm] → SkipSimplifiedLayerNormalization
+                {R5} {A} MatMulNBits o_proj [→ RMSNorm] → SkipSimplifiedLayerNormalization
                 {A} MatMulNBits gate, up → act(gate)·up → {R4} {A} MatMulNBits down [→ RMSNorm]
     final       SkipSimplifiedLayerNormalization → lm_head (MatMulNBits, or Gemm on a float table)
 
@@ -25,6 +25,7 @@ casts there and back.
 regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
 ``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4; the presets'
 asymmetric A4: 4 × 11 + 4 = 48).
+{R5}: the same on o_proj's input (``RotationConfig.r5``, off in the presets), where applied.
 With shifts (``ActQuantConfig.shift``), each quantized input is Sub(shift) → {A}, 4 more, and the
 linears reading it add W·shift to their bias (``_folded_bias``): an Add after the matmul, which ORT
 fuses into MatMulNBits at load, so the matmul reads the grid's values rather than values off the
@@ -53,7 +54,7 @@ logits, present.N.key/value) without position_ids: GroupQueryAttention derives p
 attention mask (right padding only). Weights are written as DequantizeLinear → MatMul and then
 converted by ``ort_matmulnbits``, so both formats share one packing.
 
-What the fused operators cannot express (online rotations other than R4, a quantized or R3-rotated
+What the fused operators cannot express (online rotations other than R4 and R5, a quantized or R3-rotated
 KV cache, other MLP activations, softcapping, bidirectional attention, architectures the adapter
 marks) is reported by ``fused_graph_blockers``; the ort format then converts optimum's graph instead.
 """
@@ -84,15 +85,16 @@ from exporters.onnx_qdq import (
 )
 from exporters.ort_matmulnbits import DEFAULT_ACCURACY_LEVEL, MS_DOMAIN, convert_to_matmulnbits
 
-ONLINE_OPS = "online rotations other than R4 on down_proj's input"
+ONLINE_OPS = "online rotations other than R4 on down_proj's input and R5 on o_proj's"
 KV_OPS = "quantized or rotated KV cache"
-# The roles whose online rotation the graph writes (R4: a factored Hadamard on down_proj's input)
-ROTATED_INPUT_ROLES = ("down",)
+# The roles whose online rotation the graph writes (R4 on down_proj's input, R5 on o_proj's: factored
+# Hadamards, each in front of its own linear's grid)
+ROTATED_INPUT_ROLES = ("o", "down")
 
 
 def unwritten_rotations(adapter: Adapter, block) -> list[str]:
     """The roles of ``block`` whose input has an online rotation the fused graph does not write:
-    any role but down_proj's, or a rotation that is not a factored ``OnlineRotation``."""
+    any role but o_proj's and down_proj's, or a rotation that is not a factored ``OnlineRotation``."""
     roles = []
     for role in adapter.linears(block):
         wrapper = adapter.wrapped_input(block, role)
@@ -106,7 +108,7 @@ def unwritten_rotations(adapter: Adapter, block) -> list[str]:
 
 def fused_graph_blockers(model, adapter: Adapter) -> list[str]:
     """Why ``model`` (held in memory, as quantized) cannot be written as the fused graph (empty: it
-    can). Per-token quantized activations and R4 are written (``FusedDecoderWriter``); any other
+    can). Per-token quantized activations, R4 and R5 are written (``FusedDecoderWriter``); any other
     online rotation and a quantized or rotated (R3) KV cache are not."""
     reasons = architecture_blockers(model.config, adapter)
     blocks = adapter.blocks(model)
@@ -120,7 +122,7 @@ def fused_graph_blockers(model, adapter: Adapter) -> list[str]:
 def scheme_blockers(quant, query_key_rotation: bool) -> list[str]:
     """What a quantization config (``edgeq.config.QuantConfig``) adds to the graph that the fused
     operators cannot express, known before any block is quantized; query_key_rotation: whether R3
-    will be applied (R4 and quantized activations are written)."""
+    will be applied (R4, R5 and quantized activations are written)."""
     return [KV_OPS] if quant.activations.kv_bits < 16 or query_key_rotation else []
 
 
@@ -818,8 +820,8 @@ class FusedDecoderWriter:
     def _own_input(
         self, x: str, name: str, wrapper: QuantInputLinear | None, linear: torch.nn.Linear
     ) -> tuple[str, tuple[float, ...] | None]:
-        """x as one linear sees it: its online rotation (R4 on down_proj), then its grid; and the
-        grid's shift, as ``_shared_input``."""
+        """x as one linear sees it: its online rotation (R4 on down_proj, R5 on o_proj), then its
+        grid; and the grid's shift, as ``_shared_input``."""
         rotation = wrapper.rotation if wrapper is not None else None
         if rotation is not None and not isinstance(rotation, OnlineRotation):
             raise ValueError(f"{name}: the fused graph writes factored OnlineRotations only, got {rotation}")

@@ -101,6 +101,7 @@ W4A4_RESULTS = {
         _w4a4_row("w4a8 + BoA", 11.0),
         _w4a4_row("w4a4 + KV4 + GPTQ", 17.0),
         _w4a4_row("w4a4 + KV4 + BoA", 16.5, compensate=False, kv_bits=4),
+        _w4a4_row("w4a4 + KV8 + BoA", 15.0, compensate=False, kv_bits=8),
     ],
     "fused": {
         "graph": "fused",
@@ -127,7 +128,14 @@ def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     compensated = "`w4a4-down8 (down_proj input A8) + GPTQ`; `w4a4-down8 (down_proj input A8) + BoA`."
     assert f"Weights compensating the activations' rounding (`--act-compensate`): {compensated}" in table
     # only the row that quantizes its KV cache; w4a8's kv_shift has nothing to shift, KV4 GPTQ's no key
-    assert "shifted by their calibration means (`--kv-shift`): `w4a4 + KV4 + BoA`." in table
+    assert (
+        "KV cache int4 with keys and values shifted by their calibration means (`--kv-shift`): "
+        "`w4a4 + KV4 + BoA`." in table
+    )
+    assert (
+        "KV cache int8 with keys and values shifted by their calibration means (`--kv-shift`): "
+        "`w4a4 + KV8 + BoA`." in table
+    )  # each width from its rows' configs
     assert "| w4a8 + GPTQ | 12.00 | 1.20 |  |" in table  # the limit is the preset's (BoA's)
     assert "| no rotation + RTN | 9000.00 | 900.00 |  |" in table
     assert "| w4a4 + KV4 + BoA | 16.50 | 1.65 | ≤ 1.6 × ✗ |" in table

@@ -19,6 +19,7 @@ from edgeq.rotation.learned import (
     cayley_sgd_step,
     install_objective,
     learn_rotations,
+    r5_matrix,
     set_objective_shifts,
     unrotated_input_means,
 )
@@ -45,30 +46,35 @@ def test_cayley_steps_stay_orthogonal_and_reach_a_target_rotation():
     assert float((r - target).norm()) < 0.5 * start
 
 
-def _w4a4(steps: int = 8, **activations):
+def _w4a4(steps: int = 8, r5: bool = False, **activations):
     quant = scheme_preset("w4a4")
     act = dataclasses.replace(quant.activations, clip_search=False, **activations)
-    rotation = dataclasses.replace(quant.rotation, kind="learned", steps=steps, samples=2, lr=0.5)
+    rotation = dataclasses.replace(quant.rotation, kind="learned", steps=steps, samples=2, lr=0.5, r5=r5)
     # symmetric weight grids, the ones the losses these tests bound were measured with (the preset's
     # asymmetric grids lose less to rounding, so learning has less to win on a tiny model)
     weights = dataclasses.replace(quant.weights, symmetric=True)
     return dataclasses.replace(quant, method="rtn", activations=act, rotation=rotation, weights=weights)
 
 
-def test_the_objective_model_is_the_rotated_model():
+@pytest.mark.parametrize("r5", [False, True], ids=["r4", "r4-r5"])
+def test_the_objective_model_is_the_rotated_model(r5):
     """With 8-bit weights and float activations, the parametrized model (R1 at the embedding and
-    undone before the final norm, every linear's weight rotated) gives the float model's logits."""
+    undone before the final norm, every linear's weight rotated; R5 online on o_proj's input and
+    in its weight after R2) gives the float model's logits."""
     model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits
     adapter = adapter_for(model)
     weights = WeightQuantConfig(bits=8, group_size=-1, symmetric=True)
-    quant = dataclasses.replace(_w4a4(), weights=weights, activations=ActQuantConfig())
+    quant = dataclasses.replace(_w4a4(r5=r5), weights=weights, activations=ActQuantConfig())
     plan = plan_rotations(adapter, model.config, quant.rotation)
+    assert (plan.r5 is not None) == r5
     r1 = torch.nn.Parameter(plan.r1.float())
     r2 = [torch.nn.Parameter(plan.r2.float()) for _ in adapter.blocks(model)]
     install_objective(model, adapter, quant, plan, r1, r2)
+    o_rotation = adapter.input_quantizer(adapter.blocks(model)[0], "o").rotation
+    assert (o_rotation is not None) == r5
     with torch.no_grad():
         got = model(ids).logits
     assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max())
@@ -92,12 +98,14 @@ def test_objective_weights_are_float_or_on_their_grid(objective_weights):
     assert (distinct <= 16) == (objective_weights == "rtn")
 
 
-def test_objective_shifts_follow_the_rotations():
+@pytest.mark.parametrize("r5", [False, True], ids=["r4", "r4-r5"])
+def test_objective_shifts_follow_the_rotations(r5):
     """The shifts set for new R1 and R2 from the means measured under the old ones are the means of
-    the inputs the objective's model then reads (measured again, quantizers off)."""
+    the inputs the objective's model then reads (measured again, quantizers off); with R5, o_proj's
+    input is R2's rotation seen through R5's fixed one."""
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    quant = _w4a4()
+    quant = _w4a4(r5=r5)
     assert quant.activations.shift
     plan = plan_rotations(adapter, model.config, quant.rotation)
     blocks = adapter.blocks(model)
@@ -106,12 +114,13 @@ def test_objective_shifts_follow_the_rotations():
     install_objective(model, adapter, quant, plan, r1, r2)
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, VOCAB, (2, 16), generator=gen)
-    means = unrotated_input_means(model, adapter, windows, r1, r2)
+    r5_m = r5_matrix(plan)
+    means = unrotated_input_means(model, adapter, windows, r1, r2, r5_m)
     with torch.no_grad():
         r1.copy_(torch.linalg.qr(torch.randn(r1.shape, generator=gen))[0])
         for r in r2:
             r.copy_(torch.linalg.qr(torch.randn(r.shape, generator=gen))[0])
-    set_objective_shifts(adapter, blocks, means, r1, r2)
+    set_objective_shifts(adapter, blocks, means, r1, r2, r5_m)
     with contextlib.ExitStack() as stack, torch.no_grad():
         measured = [stack.enter_context(recorded_input_means(adapter, block)) for block in blocks]
         for ids in windows:

@@ -44,7 +44,10 @@ REPORT = {
     },
     "calibration": {"file": "c4.parquet", "documents": 20, "shape": [4, 64]},
     "evaluation": {"text": "WikiText-2 raw test", "windows": 4, "seq_len": 64},
-    "rotation": {"applied": {"r1": "Hadamard 72", "r3": "online 18", "r4": "online 96"}, "skipped": {}},
+    "rotation": {
+        "applied": {"r1": "Hadamard 72", "r3": "online 18", "r4": "online 96", "r5": "online 72"},
+        "skipped": {},
+    },
     "perplexity": {
         "fp_torch": 100.0436,
         "rotated_torch": 100.0435,
@@ -204,7 +207,7 @@ def test_model_card_numbers_come_from_the_report(bundle: Path):
     expected += [
         "emulates",
         "KV cache**: int8",
-        "R3, R4",
+        "R3, R4, R5",
         "perplexity_ratio on CPUExecutionProvider: 1.006 <= 1.05 — passed",
         "`model.onnx`",
         MANIFEST_FILE,

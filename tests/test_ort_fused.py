@@ -234,12 +234,12 @@ def test_what_the_fused_graph_cannot_express_falls_back_with_the_reason(tmp_path
     assert info.graph == "optimum" and info.not_fused == (KV_OPS,)
     ops = Counter(n.op_type for n in onnx.load(str(info.path)).graph.node)
     assert ops["MatMulNBits"] == len(result.weights) and ops["GroupQueryAttention"] == 0
-    # an online rotation the graph does not write (any input but down_proj's) blocks it
-    model, result = _w4a4_llama()
+    # an online rotation the graph does not write (any input but o_proj's and down_proj's) blocks it
+    model, result = _w4a4_llama(r5=True)
     adapter = adapter_for(model)
     assert fused_graph_blockers(model, adapter) == []
     block = adapter.blocks(model)[1]
-    adapter.input_quantizer(block, "o").rotation = OnlineRotation(hadamard_transform(64))
+    adapter.input_quantizer(block, "up").rotation = OnlineRotation(hadamard_transform(64))
     assert fused_graph_blockers(model, adapter) == [ONLINE_OPS]
 
 
@@ -286,12 +286,14 @@ A4_CASES = {
 }
 
 
-def _w4a4_llama(activations: ActQuantConfig | None = None, kv_bits: int = 16):
-    """A tiny Llama rotated (R4 online: 96 = 12 · 8, two Hadamard factors) and quantized W4A4 with
-    RTN: the w4a4 preset with ``activations`` for its activation grid."""
+def _w4a4_llama(activations: ActQuantConfig | None = None, kv_bits: int = 16, r5: bool = False):
+    """A tiny Llama rotated (R4 online: 96 = 12 · 8, two Hadamard factors; with ``r5``, R5 on
+    o_proj's 64-wide input too) and quantized W4A4 with RTN: the w4a4 preset with ``activations``
+    for its activation grid."""
     preset = scheme_preset("w4a4")
     activations = dataclasses.replace(activations or preset.activations, kv_bits=kv_bits)
-    config = dataclasses.replace(preset, method="rtn", activations=activations)
+    rotation = dataclasses.replace(preset.rotation, r5=r5)
+    config = dataclasses.replace(preset, method="rtn", activations=activations, rotation=rotation)
     model = tiny_model("llama", head_dim=HEAD_DIM)
     _randomize_norms(model)
     rotate_model(model, adapter_for(model), config.rotation, kv_quantized=kv_bits < 16)
@@ -324,6 +326,23 @@ def _assert_fake_quant_parity(got: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize("activations", A4_CASES.values(), ids=A4_CASES.keys())
 def test_w4a4_fused_graph_computes_the_pytorch_fake_quant_logits(activations, tmp_path):
     model, result = _w4a4_llama(activations)
+    _check_fused_parity(model, result, tmp_path)
+
+
+def test_w4a4_fused_graph_writes_r5_on_o_proj_input(tmp_path):
+    """R5 on o_proj's input: the same factored rotation as R4 in front of o_proj's grid (64 = 8 · 8:
+    one more Reshape pair and two MatMuls per block), and the logits still match PyTorch's."""
+    model, result = _w4a4_llama(r5=True)
+    assert adapter_for(model).input_quantizer(adapter_for(model).blocks(model)[0], "o").rotation is not None
+    _check_fused_parity(model, result, tmp_path)
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    layers = model.config.num_hidden_layers
+    assert ops["Reshape"] == 4 * layers and ops["MatMul"] == 4 * layers  # R4 and R5
+
+
+def _check_fused_parity(model, result, tmp_path) -> None:
+    """The model (a rotated W4A4 tiny Llama) with its own clip ratios on a module and a shared
+    input, exported as the fused graph, against its PyTorch fake-quant logits."""
     _set_clip(model, 1, ("o",), 0.75)  # a module with its own clip ratio
     _set_clip(model, 0, ("gate", "up"), 0.8)  # a shared input: both linears carry it
     info = export_onnx(model, adapter_for(model), result, tmp_path, "ort")

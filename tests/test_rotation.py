@@ -41,9 +41,12 @@ def test_rotations_leave_logits_unchanged(model_type):
     model = _with_random_norms(model_type)
     ids = _ids(model)
     before = model(ids).logits
-    report = rotate_model(model, adapter_for(model), RotationConfig(enabled=True))
+    adapter = adapter_for(model)
+    report = rotate_model(model, adapter, RotationConfig(enabled=True, r5=True))
     assert _max_rel_diff(model(ids).logits, before) < 1e-3
-    assert {"r2", "r4"} <= set(report.applied)
+    assert {"r2", "r4", "r5"} <= set(report.applied)
+    # R5 (after R2) rotates o_proj's input online, as R4 does down_proj's
+    assert all(adapter.input_quantizer(b, "o").rotation is not None for b in adapter.blocks(model))
     if model_type == "gemma3_text":
         assert "r1" in report.skipped and "residual branch" in report.skipped["r1"]
     else:
@@ -55,11 +58,11 @@ def test_rotations_leave_logits_unchanged(model_type):
 
 @torch.no_grad()
 def test_each_rotation_alone_is_exact(model_type):
-    for name in ("r1", "r2", "r4"):
+    for name in ("r1", "r2", "r4", "r5"):
         model = _with_random_norms(model_type)
         ids = _ids(model)
         before = model(ids).logits
-        only = {k: k == name for k in ("r1", "r2", "r4")}
+        only = {k: k == name for k in ("r1", "r2", "r4", "r5")}
         rotate_model(model, adapter_for(model), RotationConfig(enabled=True, **only))
         assert _max_rel_diff(model(ids).logits, before) < 1e-3, name
 
@@ -103,11 +106,12 @@ def test_rotations_flatten_an_outlier_channel():
 
 
 @torch.no_grad()
-def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, tmp_path):
+@pytest.mark.parametrize("r5", [False, True], ids=["r4", "r4-r5"])
+def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, r5, tmp_path):
     model = tiny_model(model_type)
     adapter = adapter_for(model)
     config = scheme_preset("w4a4")
-    rotate_model(model, adapter, config.rotation)
+    rotate_model(model, adapter, dataclasses.replace(config.rotation, r5=r5))
     ids = _ids(model, 16)
     config = dataclasses.replace(config, method="gptq")
     result = quantize_model(model, adapter, config, ids, progress=False)
@@ -116,6 +120,7 @@ def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, 
             wrapper = adapter.input_quantizer(block, role)
             assert isinstance(wrapper, QuantInputLinear) and wrapper.quantize_input and wrapper.bits == 4
         assert adapter.input_quantizer(block, "down").rotation is not None
+        assert (adapter.input_quantizer(block, "o").rotation is not None) == r5
     assert not isinstance(adapter.lm_head(model), QuantInputLinear)
     with_act = model(ids).logits
     for block in adapter.blocks(model):
@@ -137,7 +142,7 @@ def test_w4a4_quantizes_the_input_of_every_block_linear_and_exports(model_type, 
 
 def test_unknown_rotation_names_are_not_silently_accepted():
     with pytest.raises(TypeError):
-        RotationConfig(enabled=True, r5=True)
+        RotationConfig(enabled=True, r9=True)
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ randomized Hadamard matrices, to minimize
     L(R1, R2_1 … R2_n) = CE(model with W'_i = Q_w(rotated W_i) and inputs Q_a(x)),
 
 the next-token cross-entropy of the model whose block linears use the rotated weights on their
-weight grid and whose activations go through the per-token grid of the scheme (R4's online
-Hadamard in place), on calibration windows. Round-to-nearest has no useful derivative, so both
+weight grid and whose activations go through the per-token grid of the scheme (R4's and R5's
+online Hadamards in place), on calibration windows. Round-to-nearest has no useful derivative, so both
 quantizers pass the gradient straight through (STE): ∂Q(x)/∂x = I.
 
 With ``RotationConfig.objective_weights = "rtn"`` Q_w is RTN, the setting for RTN weights. GPTQ/BoA
@@ -64,7 +64,8 @@ from edgeq.config import QuantConfig
 from edgeq.models.adapters import ATTN_INPUT_ROLES, MLP_INPUT_ROLES, Adapter
 from edgeq.pipeline import quantize_block_activations
 from edgeq.quant.grid import rtn_quantize
-from edgeq.rotation.rotate import RotationPlan, add_block_down_proj_rotation, fold_block_norms
+from edgeq.rotation.hadamard import OnlineRotation
+from edgeq.rotation.rotate import RotationPlan, add_block_input_rotation, fold_block_norms
 
 
 @dataclass
@@ -107,15 +108,18 @@ def fake_quant_weight(w: torch.Tensor, grid) -> torch.Tensor:
 class RotatedWeight(nn.Module):
     """The parametrization W ↦ Q_w(W R1) for the linears reading the residual stream (side "in"),
     Q_w(R1ᵀ W) for those writing it (side "out"), with value heads' rows (v_proj: R2ᵀ W_h) or
-    o_proj's per-head columns (W_o,h R2) rotated by ``r2`` [hd, hd]. r1 and r2 are Parameters
-    shared by every linear that uses them; W is the float weight [out, in], its norm folded in."""
+    o_proj's per-head columns (W_o,h R2) rotated by ``r2`` [hd, hd], and then o_proj's columns by
+    R5's fixed ``r5`` = M [in, in] (W·Mᵀ, as ``rotate_block`` fuses it after R2). r1
+    and r2 are Parameters shared by every linear that uses them; W is the float weight [out, in],
+    its norm folded in."""
 
     def __init__(self, grid, r1: nn.Parameter | None, side: str | None, r2: nn.Parameter | None,
-                 role: str) -> None:  # fmt: skip
+                 role: str, r5: torch.Tensor | None = None) -> None:  # fmt: skip
         """grid: the weight grid (RTN with STE in the forward), or None for float weights."""
         super().__init__()
         self.grid, self.side, self.role = grid, side, role
         self.r1, self.r2 = r1, r2
+        self.r5 = r5 if role == "o" else None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.r1 is not None and self.side == "in":
@@ -128,7 +132,14 @@ class RotatedWeight(nn.Module):
         elif self.r2 is not None and self.role == "o":
             hd = self.r2.shape[0]
             w = (w.reshape(w.shape[0], -1, hd) @ self.r2).reshape(w.shape)
+        if self.r5 is not None:
+            w = w @ self.r5.T
         return w if self.grid is None else fake_quant_weight(w, self.grid)
+
+
+def r5_matrix(plan: RotationPlan) -> torch.Tensor | None:
+    """R5's M [in, in] in float32 (o_proj's input becomes x·Mᵀ), or None where it is not applied."""
+    return plan.r5.matrix().float() if plan.r5 is not None else None
 
 
 def install_objective(
@@ -136,15 +147,19 @@ def install_objective(
     r1: nn.Parameter | None, r2: list[nn.Parameter],
 ) -> list[torch.utils.hooks.RemovableHandle]:  # fmt: skip
     """Make ``model`` (float, in memory; changed in place) compute the objective's quantized
-    network: block norms folded, R4 fused and online, activation quantizers on (KV cache float),
+    network: block norms folded, R4 fused and online, R5 online (its W·Mᵀ in the parametrization,
+    after R2), activation quantizers on (KV cache float),
     every block linear's weight parametrized by the rotations (``RotatedWeight``); R1 applied to the
     embedding's output and undone at the final norm's input, so lm_head stays as it is (it is not
     in the objective). Returns the hooks' handles."""
     act = dataclasses.replace(quant.activations, kv_bits=16)
+    r5 = r5_matrix(plan)
     for i, block in enumerate(adapter.blocks(model)):
         fold_block_norms(block, adapter)
         if plan.r4 is not None:
-            add_block_down_proj_rotation(block, adapter, plan.r4)
+            add_block_input_rotation(block, adapter, "down", plan.r4)
+        if plan.r5 is not None:
+            adapter.input_quantizer(block, "o").rotation = OnlineRotation(plan.r5)
         quantize_block_activations(model, adapter, block, act)
         for role, linear in adapter.linears(block).items():
             side = "in" if role in (*ATTN_INPUT_ROLES, *MLP_INPUT_ROLES) else "out"
@@ -152,7 +167,7 @@ def install_objective(
             rounded = quant.rotation.objective_weights == "rtn"
             grid = quant.weights_for(adapter.linear_name(i, role)) if rounded else None
             parametrize.register_parametrization(
-                linear, "weight", RotatedWeight(grid, r1, side, head_r, role), unsafe=True
+                linear, "weight", RotatedWeight(grid, r1, side, head_r, role, r5), unsafe=True
             )
     if r1 is None:
         return []
@@ -165,10 +180,11 @@ def install_objective(
 @torch.no_grad()
 def unrotated_input_means(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, r1: torch.Tensor | None,
-    r2: list[torch.Tensor],
+    r2: list[torch.Tensor], r5: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """Each block's input means (``recorded_input_means``, by group) in the objective's model
-    (``install_objective``, rotated by r1 [d, d] and r2, one [hd, hd] per block or none) over
+    (``install_objective``, rotated by r1 [d, d] and r2, one [hd, hd] per block or none, with R5's
+    fixed r5 [in, in] or none on o_proj's input) over
     ``windows`` [N, L] in float, with the rotations taken back out: the means of the unrotated
     network, which ``rotated_means`` turns into any rotation's."""
     blocks = adapter.blocks(model)
@@ -177,32 +193,38 @@ def unrotated_input_means(
         for ids in windows:
             model(input_ids=ids[None], use_cache=False)
     back = r1.T if r1 is not None else None
-    return [rotated_means(m, back, r2[i].T if r2 else None) for i, m in enumerate(means)]
+    return [rotated_means(m, back, r2[i].T if r2 else None, r5) for i, m in enumerate(means)]
 
 
 def rotated_means(
-    means: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
+    means: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None,
+    r5: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """``means`` (by input group, as ``recorded_input_means`` gives them) of inputs rotated by
     r1 [d, d] (the residual stream's readers: x ↦ x R1) and r2 [hd, hd] (o_proj's input, head by
-    head); down_proj's input (after R4, which is not learned) is unchanged."""
+    head); down_proj's input (after R4, which is not learned) is unchanged. With R5's fixed
+    r5 = M [in, in], o_proj's input is x·(I ⊗ R2)·Mᵀ: its mean is taken back through M, rotated
+    head by head, and put through Mᵀ again."""
     out = dict(means)
     if r1 is not None:
         for role in (ATTN_INPUT_ROLES[0], MLP_INPUT_ROLES[0]):
             out[role] = means[role] @ r1
     if r2 is not None:
-        out["o"] = (means["o"].reshape(-1, r2.shape[0]) @ r2).reshape(-1)
+        o = means["o"] if r5 is None else means["o"] @ r5
+        o = (o.reshape(-1, r2.shape[0]) @ r2).reshape(-1)
+        out["o"] = o if r5 is None else o @ r5.T
     return out
 
 
 @torch.no_grad()
 def set_objective_shifts(
     adapter: Adapter, blocks: list[nn.Module], means: list[dict[str, torch.Tensor]],
-    r1: torch.Tensor | None, r2: list[torch.Tensor],
+    r1: torch.Tensor | None, r2: list[torch.Tensor], r5: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """Every block's shifts: its unrotated input ``means`` under the current r1 and its r2."""
+    """Every block's shifts: its unrotated input ``means`` under the current r1 and its r2 (and
+    R5's fixed r5 on o_proj's input, or none)."""
     for i, block in enumerate(blocks):
-        set_block_shifts(adapter, block, rotated_means(means[i], r1, r2[i] if r2 else None))
+        set_block_shifts(adapter, block, rotated_means(means[i], r1, r2[i] if r2 else None, r5))
 
 
 def learn_rotations(
@@ -230,11 +252,14 @@ def learn_rotations(
     model.train(False)
     blocks = adapter.blocks(model)
     try:
-        means = unrotated_input_means(model, adapter, windows, r1, r2) if quant.activations.shift else None
+        r5 = r5_matrix(plan)
+        means = (
+            unrotated_input_means(model, adapter, windows, r1, r2, r5) if quant.activations.shift else None
+        )
         bar = tqdm(range(config.steps), desc="learn rotations", unit="step", disable=not progress)
         for step in bar:
             if means:  # the shifts move with this step's rotations
-                set_objective_shifts(adapter, blocks, means, r1, r2)
+                set_objective_shifts(adapter, blocks, means, r1, r2, r5)
             ids = windows[step % windows.shape[0]][None]
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             grads = torch.autograd.grad(loss, learned)

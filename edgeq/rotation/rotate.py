@@ -6,8 +6,9 @@ With x the residual stream and Q orthogonal, a block computes the same function 
 every RMSNorm's scale has been folded into the linears it feeds (‖xQ‖ = ‖x‖), the linears reading
 the stream take W·Q and those writing it take Qᵀ·W (R1). Inside attention, each value head may be
 rotated and o_proj's matching input columns counter-rotated (R2). down_proj's input may be rotated
-online and the inverse fused into its weight (R4). Queries and keys may be rotated online after
-RoPE (R3), for a quantized KV cache. All weight products run in float64.
+online and the inverse fused into its weight (R4), and so may o_proj's whole input, across heads
+(R5: after R2, which rotates within each head, so o_proj's weight takes W·(I ⊗ R2)·Mᵀ). Queries and
+keys may be rotated online after RoPE (R3), for a quantized KV cache. All weight products run in float64.
 """
 
 from __future__ import annotations
@@ -111,12 +112,15 @@ def rotate_block_value_heads(
     _set(o.weight, (wo @ r).reshape(o.weight.shape))
 
 
-def add_block_down_proj_rotation(block: nn.Module, adapter: Adapter, transform: OrthogonalTransform) -> None:
-    """R4 in one block: down_proj's input becomes x·Mᵀ online and its weight W·Mᵀ (M the factored
-    Hadamard of the MLP width)."""
-    down = adapter.linears(block)["down"]
-    _set(down.weight, down.weight.double() @ transform.matrix().to(down.weight.device).T)
-    adapter.input_quantizer(block, "down").rotation = OnlineRotation(transform)
+def add_block_input_rotation(
+    block: nn.Module, adapter: Adapter, role: str, transform: OrthogonalTransform
+) -> None:
+    """An online rotation of one linear's input in one block: the input becomes x·Mᵀ online and
+    the weight W·Mᵀ (M the factored Hadamard of its width). R4: down_proj's input; R5: o_proj's
+    (after R2, whose W_o,h·R2 it then rotates)."""
+    linear = adapter.linears(block)[role]
+    _set(linear.weight, linear.weight.double() @ transform.matrix().to(linear.weight.device).T)
+    adapter.input_quantizer(block, role).rotation = OnlineRotation(transform)
 
 
 def add_block_query_key_rotation(
@@ -140,6 +144,7 @@ class RotationPlan:
     r2: torch.Tensor | None = None
     r4: OrthogonalTransform | None = None
     r3: OrthogonalTransform | None = None
+    r5: OrthogonalTransform | None = None
     r2_blocks: list[torch.Tensor] | None = None
 
     @property
@@ -160,7 +165,7 @@ def plan_rotations(
     report = plan.report
     if not config.enabled:
         return plan
-    wanted = {"r1": config.r1, "r2": config.r2, "r4": config.r4, "r3": config.r3}
+    wanted = {"r1": config.r1, "r2": config.r2, "r4": config.r4, "r3": config.r3, "r5": config.r5}
     for name, on in wanted.items():
         if not on:
             report.skipped[name] = "turned off in the config"
@@ -180,6 +185,10 @@ def plan_rotations(
     if "r3" in todo:
         plan.r3 = hadamard_transform(head_dim)
         report.applied["r3"] = "online " + plan.r3.kind
+    if "r5" in todo:
+        shape = adapter.attention_shape(model_config)
+        plan.r5 = hadamard_transform(shape.num_heads * head_dim)
+        report.applied["r5"] = "online " + plan.r5.kind
     return plan
 
 
@@ -221,7 +230,9 @@ def rotate_block(
         shape = adapter.attention_shape(model.config)
         rotate_block_value_heads(block, adapter, shape, r2.to(device))
     if plan.r4 is not None:
-        add_block_down_proj_rotation(block, adapter, plan.r4)
+        add_block_input_rotation(block, adapter, "down", plan.r4)
+    if plan.r5 is not None:  # after R2: o_proj's weight is W·(I ⊗ R2)·Mᵀ
+        add_block_input_rotation(block, adapter, "o", plan.r5)
     if plan.r3 is not None:
         add_block_query_key_rotation(model, block, adapter, plan.r3)
 
