@@ -174,7 +174,8 @@ def plan_rotations(
         elif name in adapter.inexact_rotations:
             report.skipped[name] = f"not exact for {adapter.name}: {adapter.inexact_rotations[name]}"
     todo = {name for name, on in wanted.items() if on and name not in report.skipped}
-    head_dim = adapter.attention_shape(model_config).head_dim
+    shape = adapter.attention_shape(model_config)
+    head_dim = shape.head_dim
     if "r1" in todo:
         plan.r1, report.applied["r1"] = random_hadamard_matrix(model_config.hidden_size, config.seed)
     if "r2" in todo:
@@ -186,7 +187,6 @@ def plan_rotations(
         plan.r3 = hadamard_transform(head_dim)
         report.applied["r3"] = "online " + plan.r3.kind
     if "r5" in todo:
-        shape = adapter.attention_shape(model_config)
         plan.r5 = hadamard_transform(shape.num_heads * head_dim)
         report.applied["r5"] = "online " + plan.r5.kind
     return plan
