@@ -9,19 +9,25 @@ rest run with seed 0. Learned rotations (SpinQuant, ``edgeq.rotation.learned``) 
 method and seeds as the Hadamard row they are compared with.
 
 Speed: the seed-0 ``w4a4`` preset model is written as the fused ``ort`` graph (MatMulNBits,
-GroupQueryAttention, SkipSimplifiedLayerNormalization, online R4 and per-token quantization in
+GroupQueryAttention, SkipSimplifiedLayerNormalization, online R4 and R5, per-token quantization in
 front of the matmuls) and scored in ONNX Runtime against its PyTorch model; a ``w4a16`` preset
 model (RTN: the speed does not depend on the method) is written as the same graph, and the two are
 timed interleaved in this run (128-token prompt, 64 greedy steps with the KV cache, 2 threads).
 
 Writes benchmarks/results/w4a4.json (with machine and versions) and w4a4.md, and puts the tables into
 README.md between the W4A4 markers. Every number comes from this run.
+
+The run takes two to three hours on 2 cores, so each finished quantization is also appended to
+benchmarks/results/w4a4.runs.jsonl (removed when the run completes). ``--resume`` reuses the runs
+recorded there by the same code (a hash of edgeq/, exporters/ and these scripts) with the same
+settings, and runs the rest; the table then says which dates its runs come from.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import tempfile
@@ -32,7 +38,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 import torch
-from common import add_data_arguments, load_data, publish, save_results
+from common import ROOT, add_data_arguments, load_data, publish, save_results
 
 from edgeq.config import CalibrationConfig, EvalConfig, QuantConfig, RotationConfig, scheme_preset
 from edgeq.data import prepare_text_data
@@ -64,13 +70,15 @@ class Row:
     objective_weights: str | None = None  # learned: the weights in the objective (None = the default)
     activations: dict = field(default_factory=dict)  # ActQuantConfig overrides
     weights: dict = field(default_factory=dict)  # WeightQuantConfig overrides
+    rotation: dict = field(default_factory=dict)  # RotationConfig overrides (e.g. r5)
 
     def config(self, steps: int, samples: int, lr: float) -> QuantConfig:
         quant = scheme_preset(self.scheme)
         kind = "learned" if self.learned else "hadamard"
         objective = self.objective_weights or quant.rotation.objective_weights
         rotation = dataclasses.replace(quant.rotation, enabled=self.rotate, kind=kind, steps=steps,
-                                       samples=samples, lr=lr, objective_weights=objective)  # fmt: skip
+                                       samples=samples, lr=lr, objective_weights=objective,
+                                       **self.rotation)  # fmt: skip
         act = dataclasses.replace(quant.activations, **self.activations)
         weights = dataclasses.replace(quant.weights, **self.weights)
         return dataclasses.replace(
@@ -87,6 +95,8 @@ ROWS = (
     Row("rotation + BoA, no shift", "w4a4", "boa", activations={"shift": False}),
     # and its asymmetric weight grids (symmetric ones: what an NPU without weight zero points takes)
     Row("rotation + BoA, symmetric weights", "w4a4", "boa", weights={"symmetric": True}),
+    # and its R5 (o_proj's input mixed across heads): R1, R2 and R4 alone
+    Row("rotation + BoA, no R5", "w4a4", "boa", rotation={"r5": False}),
     # float weights in the objective: SpinQuant's recipe when GPTQ rounds the weights afterwards
     Row("learned rotation + GPTQ", "w4a4", "gptq", SEEDS[:1], learned=True, objective_weights="float"),
     Row("learned rotation + BoA", "w4a4", "boa", SEEDS[:1], learned=True, objective_weights="float"),
@@ -131,6 +141,57 @@ def quantized(source, calibration: torch.Tensor, config: QuantConfig):
         result = quantize_model(model, adapter, config, calibration)
         seconds = time.perf_counter() - start
     return model, result, seconds, peak.peak, dataclasses.asdict(plan.report), learning
+
+
+def code_fingerprint(root: Path = ROOT) -> str:
+    """A hash of the code a run executes (edgeq/, exporters/, benchmarks/w4a4.py and common.py) and
+    of torch's version: a recorded run is reused only by the code that produced it."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    files = [*root.glob("edgeq/**/*.py"), *root.glob("exporters/**/*.py")]
+    for path in sorted(files) + [root / "benchmarks" / "w4a4.py", root / "benchmarks" / "common.py"]:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(config: QuantConfig, seed: int, settings: dict, fingerprint: str) -> str:
+    """What identifies one quantization and its perplexity: config, calibration seed, data settings
+    and code."""
+    identity = {"config": dataclasses.asdict(config), "seed": seed, "settings": settings, "code": fingerprint}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunLog:
+    """The finished runs of one benchmark invocation, one JSON line each in ``path``, so an
+    interrupted run can go on (``--resume``) instead of starting over."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.saved: dict[str, dict] = {}
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                self.saved[entry["key"]] = entry["run"]
+        elif path.exists():
+            path.unlink()
+
+    def get(self, key: str) -> dict | None:
+        return self.saved.get(key)
+
+    def add(self, key: str, run: dict) -> None:
+        self.saved[key] = run
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "run": run}) + "\n")
+
+    def close(self) -> None:
+        """The run completed: its results file holds every run."""
+        self.path.unlink(missing_ok=True)
+
+
+def _run(seed: int, ppl: float, seconds: float, peak: int, rotation: dict, learning: float) -> dict:
+    """One seed's entry in a row of the results (and of the run log)."""
+    return {"seed": seed, "perplexity": ppl, "seconds": seconds, "peak_rss_bytes": peak,
+            "learning_seconds": learning, "rotation": rotation,
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
 def _calibration(args, source, seed: int) -> torch.Tensor:
@@ -193,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rotation-lr", type=float, default=learn.lr, help="learned rotations: step size")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the timings")
     parser.add_argument("--speed-rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--resume", action="store_true", help="reuse the runs that an interrupted "
+                        "invocation recorded in <out>/w4a4.runs.jsonl")  # fmt: skip
     args = parser.parse_args(argv)
     if args.render:
         write_tables(json.loads((args.out / "w4a4.json").read_text()), args.out, not args.no_readme)
@@ -207,22 +270,33 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgeq-w4a4-"))
     fused: dict[str, Path] = {}
     parity = None
+    settings = {k: getattr(args, k) for k in ("model", "calib_samples", "calib_seq_len", "eval_seq_len",
+                                               "eval_windows")}  # fmt: skip
+    fingerprint = code_fingerprint()
+    log = RunLog(args.out / "w4a4.runs.jsonl", args.resume)
     for row in ROWS:
         config = row.config(args.rotation_steps, args.rotation_samples, args.rotation_lr)
         per_seed = []
         for seed in row.seeds:
-            model, result, seconds, peak, rotation, learning = quantized(source, calibrations[seed], config)
+            key = run_key(config, seed, settings, fingerprint)
+            fused_model = row.label == PRESET_LABEL and seed == 0  # the fused graph's model
+            if (run := log.get(key)) is None or fused_model:
+                # quantized again when resumed: the same code and seed give the same model
+                model, result, *measured = quantized(source, calibrations[seed], config)
+            if run is None:
+                run = _run(seed, perplexity(torch_logits_fn(model), windows, f"{row.label} seed {seed}"),
+                           *measured)  # fmt: skip
+                log.add(key, run)
+            per_seed.append(run)
             if rotation_report is None and row.rotate and not row.learned:
-                rotation_report = rotation
-            ppl = perplexity(torch_logits_fn(model), windows, f"{row.label} seed {seed}")
-            per_seed.append({"seed": seed, "perplexity": ppl, "seconds": seconds, "peak_rss_bytes": peak,
-                             "learning_seconds": learning, "rotation": rotation})  # fmt: skip
+                rotation_report = run["rotation"]
+            ppl, seconds = run["perplexity"], run["seconds"]
             print(f"{row.label:44s} seed {seed} ppl {ppl:9.3f}  {seconds:6.1f} s", flush=True)
-            if row.label == PRESET_LABEL and seed == 0:
+            if fused_model:
                 parity = fused_parity(model, result, windows, tmp / "w4a4-ort")
                 fused["w4a4 ort"] = tmp / "w4a4-ort"
                 print(f"fused w4a4 ort: {parity}", flush=True)
-            del model, result
+            model = result = None  # freed before the next run: its peak RSS is its own
         ppls = [s["perplexity"] for s in per_seed]
         rows.append({
             "label": row.label,
@@ -252,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         fused=parity | {"speed": speed},
     )
     write_tables(results, args.out, not args.no_readme)
+    log.close()
 
 
 def _ppl(row: dict) -> str:
@@ -346,9 +421,16 @@ def markdown(results: dict) -> str:
         f"`w4a16` graph, {w4 / w16:.2f} × (must show ≥ 0.9 ×; median of {s['speed_rounds']} interleaved "
         f"rounds, 128-token prompt, 64 steps, {s['threads']} threads).{_nodes(speed)}",
         "",
-        f"Produced by `{results['command']}` on {results['date']}.",
+        f"Produced by `{results['command']}` on {results['date']}{_resumed(results)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _resumed(results: dict) -> str:
+    """Where a resumed run reused quantizations from earlier days: the dates of its runs."""
+    dates = {run.get("date", results["date"]) for row in results["rows"] for run in row["seeds"]}
+    dates = sorted(dates - {results["date"]})
+    return f" (resumed: the other runs on {', '.join(dates)})" if dates else ""
 
 
 def _nodes(speed: dict) -> str:

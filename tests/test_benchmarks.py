@@ -155,6 +155,67 @@ def test_w4a4_table_must_shows_and_speed_come_from_the_results():
     assert "95.0 tokens/s against 100.0" in table and "0.95 ×" in table
     assert "R1 randomized Hadamard 36 x 16" in table
 
+    assert "Produced by `python benchmarks/w4a4.py` on 2026-01-01." in table  # every run on that day
+
+
+def test_w4a4_table_names_the_dates_of_resumed_runs():
+    results = dict(W4A4_RESULTS, rows=[dict(r) for r in W4A4_RESULTS["rows"]])
+    results["rows"][1] = dict(
+        results["rows"][1], seeds=[{"seed": 0, "perplexity": 16.0, "date": "2025-12-31"}]
+    )
+    table = benchmark_module("w4a4").markdown(results)
+    assert "on 2026-01-01 (resumed: the other runs on 2025-12-31)." in table
+
+
+def test_w4a4_rows_override_the_presets_rotation():
+    w4a4 = benchmark_module("w4a4")
+    assert w4a4.Row("x", "w4a4", "boa", rotation={"r5": True}).config(4, 2, 0.01).rotation.r5
+    config = w4a4.Row("x", "w4a4", "boa", rotation={"r5": False}).config(4, 2, 0.01)
+    assert not config.rotation.r5 and config.rotation.r4 and config.rotation.enabled
+    assert "rotation + BoA, no R5" in {row.label for row in w4a4.ROWS}
+
+
+def test_w4a4_run_log_resumes_only_runs_of_the_same_code_and_settings(tmp_path):
+    w4a4 = benchmark_module("w4a4")
+    config = w4a4.Row("x", "w4a4", "gptq").config(4, 2, 0.01)
+    settings = {"calib_samples": 32}
+    key = w4a4.run_key(config, 0, settings, "code-a")
+    others = {
+        w4a4.run_key(config, 1, settings, "code-a"),
+        w4a4.run_key(config, 0, {"calib_samples": 64}, "code-a"),
+        w4a4.run_key(config, 0, settings, "code-b"),
+        w4a4.run_key(w4a4.Row("x", "w4a4", "boa").config(4, 2, 0.01), 0, settings, "code-a"),
+    }
+    assert key not in others and len(others) == 4
+    path = tmp_path / "w4a4.runs.jsonl"
+    log = w4a4.RunLog(path, resume=False)
+    log.add(key, {"seed": 0, "perplexity": 40.0})
+    assert w4a4.RunLog(path, resume=True).get(key) == {"seed": 0, "perplexity": 40.0}
+    assert all(w4a4.RunLog(path, resume=True).get(k) is None for k in others)
+    assert w4a4.RunLog(path, resume=False).get(key) is None and not path.exists()  # a fresh run
+    log = w4a4.RunLog(path, resume=True)
+    log.add(key, {"seed": 0})
+    log.close()  # the run completed
+    assert not path.exists()
+
+
+def test_w4a4_code_fingerprint_follows_the_code(tmp_path):
+    w4a4 = benchmark_module("w4a4")
+    for name in (
+        "edgeq/a.py",
+        "edgeq/quant/b.py",
+        "exporters/c.py",
+        "benchmarks/w4a4.py",
+        "benchmarks/common.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    before = w4a4.code_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("not code")
+    assert w4a4.code_fingerprint(tmp_path) == before
+    (tmp_path / "edgeq/quant/b.py").write_text("x = 2\n")
+    assert w4a4.code_fingerprint(tmp_path) != before
+
 
 def _compare_row(key, kind, ppl, tps, error=None, lm_head="float"):
     measured = error is None
