@@ -224,7 +224,7 @@ def add_export_options(export: argparse.ArgumentParser) -> None:
     act.add_argument(
         "--r5", action=argparse.BooleanOptionalAction, default=None,
         help="with rotations on, R5: an online Hadamard on o_proj's whole input, mixing across heads "
-        "(R2 mixes within one); its inverse fused into o_proj (default: the scheme's, off)",
+        "(R2 mixes within one); its inverse fused into o_proj (default: on in the W4A4 presets)",
     )  # fmt: skip
     act.add_argument(
         "--rotation",

@@ -235,8 +235,9 @@ class RotationConfig:
     r5: Hadamard on o_proj's whole input (every head's attention output), applied online and fused
     into o_proj: R2 mixes channels within one head, R5 across heads, so a head whose outputs run
     larger than the others' no longer sets the per-token grid's range alone (QuaRot's online
-    Hadamard before out_proj; edgeq's name). Off by default and in the presets until
-    benchmarks/w4a4.py measures it there; it adds one online transform per block, as R4 does.
+    Hadamard before out_proj; edgeq's name). On in the W4A4 presets (benchmarks/w4a4.py's ablation
+    row measures it against R4 alone), off by default elsewhere; it adds one online transform per
+    block, as R4 does.
     seed: the random signs (and the random orthogonal fallback for widths with no known Hadamard).
     kind: "hadamard" (the randomized Hadamard matrices) or "learned": R1 and one R2 per block
     optimized from them on the quantized network's loss (SpinQuant, ``edgeq.rotation.learned``),
@@ -435,14 +436,14 @@ SCHEMES: dict[str, QuantConfig] = {
     # QuaRot-style W4A4: rotations on, per-channel asymmetric int4 weights (an integer kernel pays one
     # zero-point term per token for them), per-token asymmetric int4 activations (KV cache in float;
     # with --kv-bits, keys and values shifted too), each input shifted by its calibration mean and its
-    # clip ratio searched (benchmarks/w4a4.py).
+    # clip ratio searched (benchmarks/w4a4.py); R5 mixes o_proj's input across heads.
     "w4a4": QuantConfig(
         scheme="w4a4",
         weights=WeightQuantConfig(bits=4, group_size=-1, symmetric=False),
         activations=ActQuantConfig(
             bits=4, symmetric=False, clip_ratio=0.9, clip_search=True, shift=True, kv_shift=True
         ),
-        rotation=RotationConfig(enabled=True),
+        rotation=RotationConfig(enabled=True, r5=True),
         lm_head_bits=8,
     ),
 }

@@ -25,7 +25,7 @@ casts there and back.
 regrouped Kronecker factor, Reshape back (SmolLM2's 1536 = 48 · 32: 4 ops; ``_kronecker_rotation``,
 ``graph_factors``). Per block, 24 ops beside the 11 of W4A16 (symmetric A4: 4 × 5 + 4; the presets'
 asymmetric A4: 4 × 11 + 4 = 48).
-{R5}: the same on o_proj's input (``RotationConfig.r5``, off in the presets), where applied.
+{R5}: the same on o_proj's input (``RotationConfig.r5``, on in the W4A4 presets), where applied.
 With shifts (``ActQuantConfig.shift``), each quantized input is Sub(shift) → {A}, 4 more, and the
 linears reading it add W·shift to their bias (``_folded_bias``): an Add after the matmul, which ORT
 fuses into MatMulNBits at load, so the matmul reads the grid's values rather than values off the

@@ -49,9 +49,11 @@ def test_w4a4_preset_and_its_overrides():
     assert not _config("--scheme", "w4a4", "--kv-bits", "4", "--no-kv-shift").quant.activations.kv_shifted
     assert not _config("--scheme", "w4a4").quant.activations.kv_shifted  # a float cache has nothing to shift
     assert _config("--scheme", "w4a16", "--kv-bits", "4", "--kv-shift").quant.activations.kv_shifted
-    assert not quant.rotation.r5  # off in the preset until benchmarks/w4a4.py measures it there
-    assert _config("--scheme", "w4a4", "--r5").quant.rotation.r5
-    assert not _config("--scheme", "w4a4", "--r5", "--no-r5").quant.rotation.r5
+    assert quant.rotation.r5  # on in the preset: benchmarks/w4a4.py's "no R5" row measures it
+    assert _config("--scheme", "w4a4-down8").quant.rotation.r5
+    assert not _config("--scheme", "w4a16", "--rotate").quant.rotation.r5
+    assert _config("--scheme", "w4a16", "--rotate", "--r5").quant.rotation.r5
+    assert not _config("--scheme", "w4a4", "--no-r5").quant.rotation.r5
     config = _config(
         "--scheme", "w4a4", "--act-symmetric", "--act-clip", "1.0", "--down-act-bits", "8",
         "--no-rotate", "--rotation-seed", "3", "--kv-bits", "4", "--format", "ort",
